@@ -1,0 +1,97 @@
+"""Independent PyTorch references, written from SPEC.md and torch's own ops, for the tests.
+
+Nothing here imports mmi_jax: these are what the JAX code is checked against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def multi_scale_grid_sample(value, spatial_shapes, sampling_locations, attention_weights):
+  """Deformable sampling through `torch.nn.functional.grid_sample`, one level at a time.
+
+  value `[B, S, H, D]`, sampling_locations `[B, Q, H, L, P, 2]` in [0, 1] (x, y),
+  attention_weights `[B, Q, H, L, P]` -> `[B, Q, H * D]`.
+  """
+  batch, _, heads, head_dim = value.shape
+  _, queries, _, levels, points, _ = sampling_locations.shape
+  per_level = value.split([h * w for h, w in spatial_shapes], dim=1)
+  grids = 2 * sampling_locations - 1  # grid_sample's [-1, 1] coordinates
+  samples = []
+  for level, (height, width) in enumerate(spatial_shapes):
+    # [B, H*W, heads, D] -> [B * heads, D, H, W]
+    level_value = per_level[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, height,
+                                                               width)
+    # [B, Q, heads, P, 2] -> [B * heads, Q, P, 2]
+    level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+    samples.append(F.grid_sample(level_value, level_grid, mode="bilinear",
+                                 padding_mode="zeros", align_corners=False))  # [B*h, D, Q, P]
+  stacked = torch.stack(samples, dim=-2).flatten(-2)  # [B * heads, D, Q, L * P]
+  weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
+  output = (stacked * weights).sum(-1).view(batch, heads * head_dim, queries)
+  return output.transpose(1, 2)
+
+
+def mmfs_reference(params, query, reference_points, values, image_mask, *, num_heads,
+                   num_points, scale_sizes, base_spatial_shape):
+  """SPEC section 6, step by step, the naive way (q' is built for every image).
+
+  params: torch tensors in PyTorch layout (Linear weight `[out, in]`): value_proj,
+  dynamic_offset_mask, sampling_offsets, attention_weights, output_proj (each `.weight` and
+  `.bias`), `query_relpos.weight [max_images, Dq]`, `ignore_token [attention_dim]`.
+  query `[B, Lq, Dq]`, reference_points `[B|1, Lq, 2]`, values `[B, N, S, Dv]`, image_mask
+  `[B, N]` or `[B, Lq, N]` (1 = visible). Returns `[B, Lq, d_out]`.
+  """
+  linear = lambda x, name: F.linear(x, params[name + ".weight"], params[name + ".bias"])  # noqa
+  batch, queries, _ = query.shape
+  num_images = values.shape[1]
+  scales = len(scale_sizes)
+  heads, points = num_heads, num_points
+  attention_dim = params["value_proj.weight"].shape[0]
+  head_dim = attention_dim // heads
+  mask = image_mask.to(torch.float32)
+  mask3 = mask[:, None, :].expand(batch, queries, num_images) if mask.ndim == 2 else mask
+
+  # 1. relative image index.
+  m = mask3.long()
+  relpos = (m.sum(-1, keepdim=True) + 1 - m.cumsum(-1)) * m  # [B, Lq, N]
+  # 2. values.
+  value = linear(values, "value_proj").reshape(batch, num_images * values.shape[2], heads,
+                                               head_dim)
+  # 3. q' per image: [B, N, Lq, Dq].
+  q_prime = linear(query, "dynamic_offset_mask")[:, None].expand(-1, num_images, -1, -1)
+  q_prime = q_prime + params["query_relpos.weight"][relpos.transpose(1, 2)]
+  # 4. offsets per image, shared by its scales, scaled per scale.
+  offsets = linear(q_prime, "sampling_offsets").view(batch, num_images, queries, heads, points, 2)
+  locations = torch.empty(batch, queries, heads, num_images, scales, points, 2)
+  for n in range(num_images):
+    for k, size in enumerate(scale_sizes):
+      scaled = offsets[:, n] * (size / base_spatial_shape)  # [B, Lq, H, P, 2]
+      locations[:, :, :, n, k] = (reference_points[:, :, None, None, :]
+                                  + scaled / torch.tensor([size, size], dtype=torch.float32))
+  locations = locations.reshape(batch, queries, heads, num_images * scales, points, 2)
+  # 5. logits, mask, ignore slot, one softmax per (query, head).
+  logits = linear(q_prime, "attention_weights").view(batch, num_images, queries, heads, scales,
+                                                      points + 1)
+  logits = logits.permute(0, 2, 3, 1, 4, 5).clone()  # [B, Lq, H, N, K, P+1]
+  logits = logits + ((1.0 - mask3) * -10000.0)[:, :, None, :, None, None]
+  logits[..., -1] = -math.log(num_images * scales)
+  weights = torch.softmax(logits.reshape(batch, queries, heads, -1), dim=-1)
+  weights = weights.view(batch, queries, heads, num_images * scales, points + 1)
+  # 6. sampling with grid_sample semantics.
+  spatial_shapes = [(s, s) for s in scale_sizes] * num_images
+  sampled = multi_scale_grid_sample(value, spatial_shapes, locations, weights[..., :points])
+  # The ignore slots multiply the ignore token.
+  ignore_token = params["ignore_token"].view(heads, head_dim)
+  ignored = (weights[..., points:] * ignore_token[None, None, :, None, :]).sum(-2)
+  # 7. output projection.
+  return linear(sampled + ignored.reshape(batch, queries, attention_dim), "output_proj")
+
+
+def to_torch(x, dtype=torch.float32):
+  return torch.from_numpy(np.array(x, dtype=np.float32)).to(dtype)
