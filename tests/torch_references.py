@@ -54,7 +54,7 @@ def mmfs_reference(params, query, reference_points, values, image_mask, *, num_h
   heads, points = num_heads, num_points
   attention_dim = params["value_proj.weight"].shape[0]
   head_dim = attention_dim // heads
-  mask = image_mask.to(torch.float32)
+  mask = image_mask.to(query.dtype)
   mask3 = mask[:, None, :].expand(batch, queries, num_images) if mask.ndim == 2 else mask
 
   # 1. relative image index.
@@ -68,12 +68,13 @@ def mmfs_reference(params, query, reference_points, values, image_mask, *, num_h
   q_prime = q_prime + params["query_relpos.weight"][relpos.transpose(1, 2)]
   # 4. offsets per image, shared by its scales, scaled per scale.
   offsets = linear(q_prime, "sampling_offsets").view(batch, num_images, queries, heads, points, 2)
-  locations = torch.empty(batch, queries, heads, num_images, scales, points, 2)
+  locations = torch.empty(batch, queries, heads, num_images, scales, points, 2,
+                          dtype=query.dtype)
   for n in range(num_images):
     for k, size in enumerate(scale_sizes):
       scaled = offsets[:, n] * (size / base_spatial_shape)  # [B, Lq, H, P, 2]
       locations[:, :, :, n, k] = (reference_points[:, :, None, None, :]
-                                  + scaled / torch.tensor([size, size], dtype=torch.float32))
+                                  + scaled / torch.tensor([size, size], dtype=query.dtype))
   locations = locations.reshape(batch, queries, heads, num_images * scales, points, 2)
   # 5. logits, mask, ignore slot, one softmax per (query, head).
   logits = linear(q_prime, "attention_weights").view(batch, num_images, queries, heads, scales,
@@ -95,3 +96,33 @@ def mmfs_reference(params, query, reference_points, values, image_mask, *, num_h
 
 def to_torch(x, dtype=torch.float32):
   return torch.from_numpy(np.array(x, dtype=np.float32)).to(dtype)
+
+
+def ms_deform_attn_reference(params, query, reference_points, values, spatial_shapes, *,
+                             num_heads, num_levels, num_points, padding_mask=None):
+  """Deformable DETR's `MSDeformAttn.forward`, written from the paper's definition.
+
+  params: PyTorch-layout `value_proj`, `sampling_offsets`, `attention_weights`, `output_proj`
+  (`.weight`, `.bias`). query `[B, Lq, C]`, reference_points `[B|1, Lq, L|1, 2 or 4]`,
+  values `[B, S, C]`, padding_mask `[B, S]` (True = padding). Returns `[B, Lq, C]`.
+  """
+  linear = lambda x, name: F.linear(x, params[name + ".weight"], params[name + ".bias"])  # noqa
+  batch, queries, _ = query.shape
+  value = linear(values, "value_proj")
+  if padding_mask is not None:
+    value = value.masked_fill(padding_mask[..., None], 0.0)
+  value = value.view(batch, values.shape[1], num_heads, -1)
+  offsets = linear(query, "sampling_offsets").view(batch, queries, num_heads, num_levels,
+                                                   num_points, 2)
+  weights = torch.softmax(linear(query, "attention_weights").view(batch, queries, num_heads, -1),
+                          -1).view(batch, queries, num_heads, num_levels, num_points)
+  reference = reference_points.expand(batch, queries, num_levels, reference_points.shape[-1])
+  if reference.shape[-1] == 2:
+    normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype)
+    locations = reference[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :,
+                                                                          None, :]
+  else:
+    locations = (reference[:, :, None, :, None, :2]
+                 + offsets / num_points * reference[:, :, None, :, None, 2:] * 0.5)
+  sampled = multi_scale_grid_sample(value, spatial_shapes, locations, weights)
+  return linear(sampled, "output_proj")

@@ -115,6 +115,27 @@ class MMFS(nn.Module):
   precision: Any = None
   gather_budget: int = DEFAULT_GATHER_BUDGET
 
+  @classmethod
+  def from_config(cls, mmfs_config, *, attention_dim: int, output_dim: int,
+                  base_spatial_shape: int | None = None, **attributes) -> "MMFS":
+    """Builds an MMFS from a config section such as `config.model.llm.mmfs`.
+
+    Args:
+      mmfs_config: fields `num_heads`, `num_points`, `scale_sizes`, `offset_init_magnitude`,
+        `max_images` and (unless given here) `base_spatial_shape`.
+      attention_dim, output_dim: widths set by the surrounding model.
+      base_spatial_shape: overrides the config's (the UNet's blocks each have their own).
+      **attributes: other module attributes (dtype, query_axis, name, ...).
+    """
+    if base_spatial_shape is None:
+      base_spatial_shape = mmfs_config.base_spatial_shape
+    return cls(attention_dim=attention_dim, output_dim=output_dim,
+               scale_sizes=tuple(mmfs_config.scale_sizes),
+               base_spatial_shape=base_spatial_shape, num_heads=mmfs_config.num_heads,
+               num_points=mmfs_config.num_points,
+               offset_init_magnitude=float(mmfs_config.offset_init_magnitude),
+               max_images=mmfs_config.max_images, **attributes)
+
   @nn.compact
   def __call__(self, query: jax.Array, reference_points: jax.Array, values: jax.Array,
                image_mask: jax.Array) -> jax.Array:
@@ -156,11 +177,11 @@ class MMFS(nn.Module):
         (self.max_images, query.shape[-1]), self.param_dtype)
     offset_query = dense(query.shape[-1], (self.query_axis, "query_proj"),
                          bias_init=nn.initializers.zeros, name="dynamic_offset_mask")(query)
-    offset_proj = dense(heads * points * 2, ("query_proj", "heads"),
+    offset_proj = dense(heads * points * 2, (self.query_axis, "heads"),
                         kernel_init=nn.initializers.zeros,
                         bias_init=uniform_init(self.offset_init_magnitude),
                         name="sampling_offsets")
-    logit_proj = dense(heads * scales * (points + 1), ("query_proj", "heads"),
+    logit_proj = dense(heads * scales * (points + 1), (self.query_axis, "heads"),
                        bias_init=nn.initializers.zeros, name="attention_weights")
     offsets = _per_image(offset_proj(offset_query),
                          offset_proj(position_table, add_bias=False), positions)

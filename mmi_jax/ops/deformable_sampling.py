@@ -266,11 +266,11 @@ _deformable_sample.defvjp(_deformable_sample_fwd, _deformable_sample_bwd)
 
 
 def minimum_bytes_moved(value_shape, locations_shape, value_itemsize: int,
-                        locations_itemsize: int = 4) -> int:
-  """Bytes the forward op must at least read and write: value, locations, weights, output.
+                        locations_itemsize: int = 4, *, backward: bool = False) -> int:
+  """Bytes the op must at least read and write, for reporting achieved bandwidth.
 
-  Used by the benchmarks to report achieved bandwidth; a perfect kernel reads each input once
-  and writes the output once.
+  Forward: read value, locations and weights once, write the output once. Backward: read the
+  same inputs and the output gradient, write the three input gradients.
   """
   batch, queries, heads, _, _, _ = locations_shape
   head_dim = value_shape[-1]
@@ -278,4 +278,7 @@ def minimum_bytes_moved(value_shape, locations_shape, value_itemsize: int,
   locations_bytes = math.prod(locations_shape) * locations_itemsize
   weights_bytes = math.prod(locations_shape[:-1]) * locations_itemsize
   output_bytes = batch * queries * heads * head_dim * value_itemsize
-  return value_bytes + locations_bytes + weights_bytes + output_bytes
+  inputs = value_bytes + locations_bytes + weights_bytes
+  if backward:
+    return 2 * inputs + output_bytes
+  return inputs + output_bytes
