@@ -107,6 +107,8 @@ def get_config() -> ml_collections.ConfigDict:
           max_images=50,
           reference_point=(0.5, 0.5),  # code: every token samples around the image centre
           gate_init=0.0,
+          # code: the kernels MMFS never re-initialises start as HF Llama's Linear, N(0, 0.02).
+          kernel_init_std=0.02,
       ),
   )
 
@@ -177,6 +179,7 @@ def get_config() -> ml_collections.ConfigDict:
           max_images=10,
           pos_grid_size=64,
           layer_norm_eps=1e-6,
+          kernel_init_std=None,  # code: PyTorch's Linear default for the unset kernels
       ),
   )
 

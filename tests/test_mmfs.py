@@ -184,6 +184,21 @@ def test_initialisation_follows_the_original():
   assert not np.any(params["ignore_token"])
   relpos = np.asarray(params["query_relpos"])
   assert relpos.shape == (50, 40) and 0.015 < relpos.std() < 0.025
+  # PyTorch's Linear default for the kernels the original leaves alone: U(+-1/sqrt(fan_in)).
+  kernel = np.asarray(params["dynamic_offset_mask"]["kernel"])
+  assert np.abs(kernel).max() <= 1 / np.sqrt(40) and kernel.std() > 0.5 / np.sqrt(3 * 40)
+
+
+def test_llm_config_initialises_the_unset_kernels_like_hugging_face_llama():
+  config = mmi_13b.get_config().model.llm.mmfs
+  module = MMFS.from_config(config, attention_dim=64, output_dim=256)
+  params = nn.meta.unbox(module.init(
+      jax.random.key(4), np.ones((1, 2, 256), np.float32), np.full((1, 2, 2), 0.5, np.float32),
+      np.ones((1, 1, sum(s * s for s in config.scale_sizes), 64), np.float32),
+      np.ones((1, 1)))["params"])
+  for name in ("dynamic_offset_mask", "attention_weights"):
+    std = np.asarray(params[name]["kernel"]).std()
+    assert 0.018 < std < 0.022, (name, std)
 
 
 def test_too_many_images_and_bad_masks_raise_clear_errors():

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmi_jax import sharding
-from mmi_jax.models.linear import Linear
+from mmi_jax.models.linear import Linear, torch_default_kernel_init
 from mmi_jax.ops import deformable_sample
 from mmi_jax.ops.deformable_sampling import DEFAULT_GATHER_BUDGET
 
@@ -92,6 +92,10 @@ class MMFS(nn.Module):
     offset_init_magnitude: `sampling_offsets.bias` starts as U(+-magnitude).
     max_images: rows of the relative-position table (`max_num_image_per_seq`); calls must
       have fewer image slots than this.
+    kernel_init_std: init of the two kernels the original never re-initialises
+      (`dynamic_offset_mask`, `attention_weights`): None keeps PyTorch's Linear default (the
+      UNet's MMFS net); a number draws N(0, std) (the LLM's, which Hugging Face's Llama
+      `_init_weights` initialises with std 0.02 inside `from_pretrained`).
     query_axis, value_axis: logical axis names of the query and value widths.
     dtype: computation dtype (None: follow the inputs); softmax and sampling accumulate in
       float32 regardless.
@@ -108,6 +112,7 @@ class MMFS(nn.Module):
   num_points: int = 8
   offset_init_magnitude: float = 3.0
   max_images: int = 50
+  kernel_init_std: float | None = None
   query_axis: str = "embed"
   value_axis: str = "vision_embed"
   dtype: Any = None
@@ -134,7 +139,8 @@ class MMFS(nn.Module):
                base_spatial_shape=base_spatial_shape, num_heads=mmfs_config.num_heads,
                num_points=mmfs_config.num_points,
                offset_init_magnitude=float(mmfs_config.offset_init_magnitude),
-               max_images=mmfs_config.max_images, **attributes)
+               max_images=mmfs_config.max_images,
+               kernel_init_std=mmfs_config.get("kernel_init_std"), **attributes)
 
   @nn.compact
   def __call__(self, query: jax.Array, reference_points: jax.Array, values: jax.Array,
@@ -157,6 +163,8 @@ class MMFS(nn.Module):
     heads, points, scales = self.num_heads, self.num_points, len(self.scale_sizes)
     head_dim = self.attention_dim // heads
     levels = num_images * scales
+    default_init = (torch_default_kernel_init if self.kernel_init_std is None else
+                    nn.initializers.normal(self.kernel_init_std))
     dense = lambda features, axes, **kw: Linear(  # noqa: E731
         features, kernel_axes=axes, dtype=self.dtype, param_dtype=self.param_dtype,
         precision=self.precision, **kw)
@@ -176,13 +184,15 @@ class MMFS(nn.Module):
                                                      ("image_slots", self.query_axis)),
         (self.max_images, query.shape[-1]), self.param_dtype)
     offset_query = dense(query.shape[-1], (self.query_axis, "query_proj"),
-                         bias_init=nn.initializers.zeros, name="dynamic_offset_mask")(query)
+                         kernel_init=default_init, bias_init=nn.initializers.zeros,
+                         name="dynamic_offset_mask")(query)
     offset_proj = dense(heads * points * 2, (self.query_axis, "heads"),
                         kernel_init=nn.initializers.zeros,
                         bias_init=uniform_init(self.offset_init_magnitude),
                         name="sampling_offsets")
     logit_proj = dense(heads * scales * (points + 1), (self.query_axis, "heads"),
-                       bias_init=nn.initializers.zeros, name="attention_weights")
+                       kernel_init=default_init, bias_init=nn.initializers.zeros,
+                       name="attention_weights")
     offsets = _per_image(offset_proj(offset_query),
                          offset_proj(position_table, add_bias=False), positions)
     logits = _per_image(logit_proj(offset_query),
