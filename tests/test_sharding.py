@@ -105,7 +105,7 @@ def test_mmfs_sharded_over_a_2x2x2_mesh_equals_one_device():
   assert output.sharding.spec == batch_sharding.spec
 
 
-def test_init_sharded_creates_params_in_place_with_the_same_values():
+def test_init_sharded_creates_params_in_place_from_the_same_random_stream():
   module, inputs = _mmfs_setup()
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   params, shardings = sharding.init_sharded(module, jax.random.key(1), mesh, *inputs)
@@ -113,7 +113,9 @@ def test_init_sharded_creates_params_in_place_with_the_same_values():
   for got, want, placed in zip(jax.tree.leaves(params), jax.tree.leaves(reference),
                                jax.tree.leaves(shardings)):
     assert got.sharding == placed
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # Same key, same draws; jit may fuse the truncated normal's erfinv differently from the
+    # eager init, so allow an ulp.
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-9)
 
 
 def test_deformable_attention_sharded_equals_one_device():
