@@ -134,12 +134,6 @@ def param_shardings(abstract_or_boxed_params: Any, mesh: Mesh,
                       is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
-def logical_axes(boxed_params: Any) -> Any:
-  """The logical axis names of each parameter (None for unannotated ones), unboxed tree."""
-  return jax.tree.map(lambda x: x.names if isinstance(x, nn.LogicallyPartitioned) else None,
-                      boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-
-
 def init_sharded(module: nn.Module, rng: jax.Array, mesh: Mesh, *init_args,
                  rules: LogicalRules = LOGICAL_AXIS_RULES, **init_kwargs):
   """Initializes `module`'s params directly into their shards (no full copy on one device).
@@ -185,6 +179,6 @@ def shard_shapes(tree: Any) -> Any:
 
 __all__ = [
     "LOGICAL_AXIS_RULES", "MESH_AXES", "abstract_params", "constrain", "init_sharded",
-    "logical_axes", "logical_to_spec", "make_mesh", "param_shardings", "shard_shapes",
+    "logical_to_spec", "make_mesh", "param_shardings", "shard_shapes",
     "use_mesh",
 ]

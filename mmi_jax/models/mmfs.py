@@ -210,8 +210,8 @@ class MMFS(nn.Module):
     # Attention weights: masked images, ignore slots at -log(N * K), one softmax per head.
     logits = logits.reshape(batch, queries, num_images, heads, scales, points + 1)
     logits = logits.astype(jnp.float32).transpose(0, 1, 3, 2, 4, 5)
-    hidden = (1.0 - (image_mask != 0).astype(jnp.float32)) * MASKED_LOGIT  # [B, 1|Lq, N]
-    logits = logits + hidden[:, :, None, :, None, None]
+    mask_logits = (1.0 - (image_mask != 0).astype(jnp.float32)) * MASKED_LOGIT  # [B, 1|Lq, N]
+    logits = logits + mask_logits[:, :, None, :, None, None]
     logits = logits.at[..., points].set(-math.log(levels))
     weights = jax.nn.softmax(logits.reshape(batch, queries, heads, -1), axis=-1)
     weights = weights.reshape(batch, queries, heads, levels, points + 1)

@@ -102,21 +102,25 @@ def _check_inputs(value, spatial_shapes, sampling_locations, attention_weights) 
   return spatial_shapes
 
 
-def _levels_per_step(value_shape, locations_shape, gather_budget: int) -> int:
-  """The largest divisor of the level count whose gathers fit the budget (at least 1)."""
+def _level_plan(spatial_shapes: SpatialShapes, value_shape, locations_shape,
+                gather_budget: int):
+  """How levels are processed: levels per loop step, and each level's geometry.
+
+  Returns:
+    levels_per_step: the largest divisor of the level count whose gathers fit the budget
+      (at least 1).
+    geometry: per-level height, width and start offset into the flattened value, each an
+      int32 array `[levels]`.
+  """
   batch, queries, heads, levels, points, _ = locations_shape
   head_dim = value_shape[-1]
   per_level = max(1, batch * queries * heads * points * 4 * head_dim)
   limit = max(1, gather_budget // per_level)
-  return max(d for d in range(1, levels + 1) if levels % d == 0 and d <= limit)
-
-
-def _level_geometry(spatial_shapes: SpatialShapes):
-  """Per-level height, width and start offset as int32 numpy arrays `[levels]`."""
+  levels_per_step = max(d for d in range(1, levels + 1) if levels % d == 0 and d <= limit)
   heights = np.array([h for h, _ in spatial_shapes], np.int32)
   widths = np.array([w for _, w in spatial_shapes], np.int32)
   starts = np.concatenate([[0], np.cumsum(heights * widths)[:-1]]).astype(np.int32)
-  return heights, widths, starts
+  return levels_per_step, tuple(jnp.asarray(a) for a in (heights, widths, starts))
 
 
 def _bilinear_corners(locations, heights, widths, starts):
@@ -197,8 +201,8 @@ def _deformable_sample_fwd(value, spatial_shapes, gather_budget, sampling_locati
                            attention_weights):
   batch, queries, heads, levels, _, _ = sampling_locations.shape
   head_dim = value.shape[-1]
-  chunk = _levels_per_step(value.shape, sampling_locations.shape, gather_budget)
-  geometry = tuple(jnp.asarray(a) for a in _level_geometry(spatial_shapes))
+  chunk, geometry = _level_plan(spatial_shapes, value.shape, sampling_locations.shape,
+                                gather_budget)
 
   def body(level_start, accumulated):
     heights, widths, starts = (_slice_levels(a, level_start, chunk, 0) for a in geometry)
@@ -216,8 +220,8 @@ def _deformable_sample_bwd(spatial_shapes, gather_budget, residuals, output_grad
   value, sampling_locations, attention_weights = residuals
   batch, queries, heads, levels, _, _ = sampling_locations.shape
   head_dim = value.shape[-1]
-  chunk = _levels_per_step(value.shape, sampling_locations.shape, gather_budget)
-  geometry = tuple(jnp.asarray(a) for a in _level_geometry(spatial_shapes))
+  chunk, geometry = _level_plan(spatial_shapes, value.shape, sampling_locations.shape,
+                                gather_budget)
   output_grad = output_grad.reshape(batch, queries, heads, head_dim).astype(jnp.float32)
 
   def body(level_start, grads):
