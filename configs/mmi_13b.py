@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
       layer_norm_eps=1e-5,
       pixel_mean=(0.48145466, 0.4578275, 0.40821073),
       pixel_std=(0.26862954, 0.26130258, 0.27577711),
+      frozen=True,  # the release trains only the adapter on top of the ViT (freeze_vit)
   )
 
   # SPEC 3: ViT-Adapter (trainable).

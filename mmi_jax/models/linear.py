@@ -23,8 +23,13 @@ Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
 
 
 def torch_default_kernel_init(key, shape, dtype=jnp.float32):
-  """`nn.Linear`'s default weight init for a `[in, out]` kernel: U(+-1/sqrt(in))."""
-  bound = 1.0 / math.sqrt(shape[0]) if shape[0] else 0.0
+  """`nn.Linear` / `nn.Conv2d`'s default weight init: U(+-1/sqrt(fan_in)).
+
+  Works for a Linear kernel `[in, out]` and a Flax conv kernel `[kh, kw, in / groups, out]`
+  (fan_in = all dims but the last), which is how torch counts it too.
+  """
+  fan_in = math.prod(shape[:-1])
+  bound = 1.0 / math.sqrt(fan_in) if fan_in else 0.0
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 

@@ -1,0 +1,151 @@
+"""The one naming rule between mmi_jax params and PyTorch state dicts, and the tensor layouts.
+
+mmi_jax modules are named after the PyTorch modules they mirror, so a param path maps to a
+state-dict key by rule, not by table:
+
+  * a module named `name_N` (a list entry in Flax) is `name.N` in torch
+    (`encoder/layers_3/...` <-> `encoder.layers.3....`);
+  * leaves `kernel` (Linear, Conv), `scale` (LayerNorm) and `embedding` (Embed) are torch's
+    `weight`; `bias` is `bias`; any other leaf is a bare `nn.Parameter` of the same name;
+  * a 2-D kernel is transposed (`[in, out]` <-> `weight [out, in]`); a 4-D kernel is Flax's
+    `[kh, kw, in, out]` <-> torch's `[out, in, kh, kw]` (`transpose(2, 3, 1, 0)`), which also
+    holds for transposed convolutions built with `transpose_kernel=True`.
+
+`params_from_state_dict` fills an abstract param tree from a state dict and reports every
+missing key, unexpected key and shape mismatch together.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+_LIST_ENTRY = re.compile(r"^(.+)_(\d+)$")
+_WEIGHT_LEAVES = ("kernel", "scale", "embedding")
+
+
+def torch_name(path: Sequence[str], prefix: str = "") -> str:
+  """The state-dict key of the param at Flax `path` (a tuple of names), after `prefix`."""
+  *modules, leaf = path
+  parts = []
+  for module in modules:
+    match = _LIST_ENTRY.match(module)
+    parts.extend(match.groups() if match else (module,))
+  parts.append("weight" if leaf in _WEIGHT_LEAVES else leaf)
+  return prefix + ".".join(parts)
+
+
+def from_torch_layout(path: Sequence[str], tensor: np.ndarray) -> np.ndarray:
+  """A torch tensor rearranged into the layout of the Flax param at `path`."""
+  if path[-1] == "kernel":
+    if tensor.ndim == 2:
+      return tensor.T
+    if tensor.ndim == 4:
+      return tensor.transpose(2, 3, 1, 0)
+  return tensor
+
+
+def to_torch_layout(path: Sequence[str], array: np.ndarray) -> np.ndarray:
+  """The inverse of `from_torch_layout`."""
+  if path[-1] == "kernel":
+    if array.ndim == 2:
+      return array.T
+    if array.ndim == 4:
+      return array.transpose(3, 2, 0, 1)
+  return array
+
+
+def _key_name(key: Any) -> str:
+  for attribute in ("key", "name", "idx"):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def flat_params(params: Any) -> dict[tuple[str, ...], Any]:
+  """`{path: leaf}` for a (possibly boxed or abstract) param tree."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))[0]
+  return {tuple(_key_name(k) for k in path): leaf for path, leaf in leaves}
+
+
+def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, value in flat.items():
+    node = tree
+    for name in path[:-1]:
+      node = node.setdefault(name, {})
+    node[path[-1]] = value
+  return tree
+
+
+class ConversionError(ValueError):
+  """A state dict does not match the params it should fill; the message lists every problem."""
+
+
+def params_from_state_dict(abstract_params: Any, tensors: Mapping[str, Any] | Any,
+                           prefix: str = "", *, ignore: Iterable[str] = (),
+                           rename: Callable[[str], str] | None = None,
+                           source: str = "state dict") -> dict[str, Any]:
+  """Fills `abstract_params` from `tensors` (key -> array), checking that everything matches.
+
+  Args:
+    abstract_params: the target tree (shape structs, arrays, or boxed leaves); it fixes the
+      expected names, shapes and dtypes.
+    tensors: a mapping, or anything with `keys()` and `__getitem__` returning NumPy arrays
+      (`checkpoint_files.CheckpointReader` streams them from disk).
+    prefix: the keys' common prefix (`"vision_model."`, `"visual_tokenizer."`).
+    ignore: regular expressions of keys (full, with prefix) that are known and unused, e.g. a
+      pooler the model does not build. Keys outside `prefix` are ignored too.
+    rename: optional map from the rule's key to the file's key, for the few names a family of
+      checkpoints spells differently.
+    source: a description of where the tensors come from, for the error message.
+
+  Returns:
+    A plain nested dict of NumPy arrays in the target dtypes.
+
+  Raises:
+    ConversionError: listing all missing keys, unexpected keys and shape mismatches.
+  """
+  ignore_patterns = [re.compile(pattern) for pattern in ignore]
+  available = set(tensors.keys())
+  missing, mismatched, used = [], [], set()
+  flat = {}
+  for path, leaf in flat_params(abstract_params).items():
+    leaf = leaf.unbox() if isinstance(leaf, nn.meta.AxisMetadata) else leaf
+    key = torch_name(path, prefix)
+    key = rename(key) if rename else key
+    if key not in available:
+      missing.append(f"{key} (for {'/'.join(path)} {tuple(leaf.shape)})")
+      continue
+    used.add(key)
+    array = from_torch_layout(path, np.asarray(tensors[key]))
+    if tuple(array.shape) != tuple(leaf.shape):
+      mismatched.append(f"{key}: file {tuple(array.shape)} (in Flax layout), "
+                        f"model {tuple(leaf.shape)}")
+      continue
+    flat[path] = array.astype(leaf.dtype)
+  unexpected = sorted(
+      key for key in available - used
+      if key.startswith(prefix) and not any(p.search(key) for p in ignore_patterns))
+  problems = []
+  for title, items in (("missing", missing), ("unexpected", unexpected),
+                       ("shape mismatch", mismatched)):
+    if items:
+      shown = "\n    ".join(items[:50]) + (f"\n    ... {len(items) - 50} more"
+                                            if len(items) > 50 else "")
+      problems.append(f"  {len(items)} {title}:\n    {shown}")
+  if problems:
+    raise ConversionError(f"{source} does not match the model (prefix {prefix!r}):\n"
+                          + "\n".join(problems))
+  return unflatten(flat)
+
+
+def state_dict_from_params(params: Any, prefix: str = "") -> dict[str, np.ndarray]:
+  """The torch-named, torch-laid-out tensors of a param tree (for export and tests)."""
+  return {torch_name(path, prefix): to_torch_layout(path, np.asarray(leaf))
+          for path, leaf in flat_params(nn.meta.unbox(params)).items()}

@@ -1,0 +1,33 @@
+"""`torch.nn.LayerNorm` in Flax, with logical axis names on its params.
+
+`flax.linen.LayerNorm` with two settings changed to mirror PyTorch: the variance is computed
+two-pass (`E[(x - mean)^2]`, as torch does, not `E[x^2] - mean^2`), and the scale and bias
+carry a logical axis name for sharding. Param names stay Flax's (`scale`, `bias`); conversion
+maps `scale` to torch's `weight`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+def LayerNorm(*, epsilon: float, axis_name: str | None, dtype: Any = None,  # noqa: N802
+              param_dtype: Any = jnp.float32, name: str | None = None) -> nn.LayerNorm:
+  """A LayerNorm over the last axis whose statistics are computed in float32.
+
+  Args:
+    epsilon: torch's `eps` (check each original module: 1e-5, 1e-6 and 1e-12 all occur).
+    axis_name: logical axis name of the normalized (last) dim.
+    dtype: output dtype; None keeps the input's. `float32` computes the whole norm in float32
+      (the ViT-Adapter's channels-first LayerNorm).
+    param_dtype: storage dtype of scale and bias.
+    name: the module name (torch's attribute name).
+  """
+  return nn.LayerNorm(
+      epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axis_name,)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name,)),
+      name=name)

@@ -1,0 +1,33 @@
+"""Which params train: masks from path patterns, and parameter counts.
+
+A model states what it freezes as regular expressions over '/'-joined param paths (the
+visual tokenizer: the CLIP ViT trunk and the fixed position table). `trainable_mask` turns them
+into a tree of booleans shaped like the params, which the optimizer (`optax.masked`,
+`optax.multi_transform`) and the tests use.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Iterable
+
+import flax.linen as nn
+from flax import traverse_util
+
+
+def trainable_mask(params: Any, frozen_patterns: Iterable[str]) -> dict[str, Any]:
+  """A tree like `params` (plain, boxed or abstract) with False where a frozen pattern
+  matches the param's path (`"encoder/encoder/layers_0/mlp/fc1/kernel"`), True elsewhere."""
+  patterns = [re.compile(p) for p in frozen_patterns]
+  flat = traverse_util.flatten_dict(nn.meta.unbox(params))
+  return traverse_util.unflatten_dict(
+      {path: not any(p.search("/".join(path)) for p in patterns) for path in flat})
+
+
+def count_params(params: Any, mask: Any = None) -> int:
+  """Number of scalars in `params` (plain, boxed or abstract), only where `mask` is True."""
+  flat = traverse_util.flatten_dict(nn.meta.unbox(params))
+  selected = traverse_util.flatten_dict(mask) if mask is not None else None
+  return sum(math.prod(leaf.shape) for path, leaf in flat.items()
+             if selected is None or selected[path])
