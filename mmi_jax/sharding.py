@@ -38,7 +38,8 @@ LOGICAL_AXIS_RULES: LogicalRules = (
     ("vision_embed", "fsdp"),  # width of the image features MMFS samples
     ("mlp", "tensor"),
     ("heads", "tensor"),  # any head-major flattened dim (H * head_dim, H * points * 2, ...)
-    ("query_proj", "tensor"),  # output of a square query projection (MMFS dynamic offsets)
+    ("query_proj", "tensor"),  # output of a square projection (MMFS dynamic offsets, pos_proj)
+    ("qformer_embed", "fsdp"),  # a Q-Former's width
     ("image_slots", None),  # rows of MMFS's relative-image-position table
 )
 

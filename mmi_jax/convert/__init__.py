@@ -1,0 +1,1 @@
+"""Moving weights between PyTorch checkpoints and mmi_jax params (model code stays apart)."""

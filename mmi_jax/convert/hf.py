@@ -4,8 +4,10 @@
   safetensors or pytorch_model.bin, possibly sharded) -> `(CLIPVisionTransformer, params)`.
 * `load_qformer(path)`: a `Blip2QFormerModel` directory -> `(Blip2QFormer, params)`; per-head
   q/k LayerNorms (the release's qk-normalization) are detected from the weights.
+* `load_clip_trunk(path, abstract_encoder)`: the CLIP trunk's params for the ViT-Adapter
+  encoder of the visual tokenizer (the public starting point of training).
 * `clip_vision_params(...)` / `qformer_params(...)`: the same conversions into a given abstract
-  param tree, for composite models (the visual tokenizer) that embed these components.
+  param tree, for composite models that embed these components.
 
 Names map by the rule in `torch_names`; everything in the file under the component's prefix must
 be used, except weights the model deliberately lacks (CLIP's `post_layernorm`, which
@@ -20,10 +22,12 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmi_jax.convert import checkpoint_files
 from mmi_jax.convert.torch_names import params_from_state_dict
-from mmi_jax.models.clip_vision import ACTIVATIONS, CLIPVisionTransformer
+from mmi_jax.models.clip_vision import (ACTIVATIONS, CLIPVisionTransformer,
+                                        resize_position_table)
 from mmi_jax.models.qformer import Blip2QFormer, QFormerConfig
 from mmi_jax.sharding import abstract_params
 
@@ -115,6 +119,54 @@ def load_clip_vision(path: str | os.PathLike, *, dtype: Any = None,
   return module, jax.tree.map(jnp.asarray, params)
 
 
+class _Overrides(Mapping):
+  """A tensor mapping with some keys replaced (read-through for the rest)."""
+
+  def __init__(self, tensors: Mapping[str, Any], overrides: dict[str, np.ndarray]):
+    self._tensors, self._overrides = tensors, overrides
+
+  def __getitem__(self, key: str):
+    return self._overrides[key] if key in self._overrides else self._tensors[key]
+
+  def __iter__(self):
+    return iter(self._tensors.keys())
+
+  def __len__(self) -> int:
+    return len(self._tensors.keys())
+
+  def keys(self):
+    return self._tensors.keys()
+
+
+TRUNK_MODULES = ("embeddings", "pre_layrnorm", "encoder")
+
+
+def load_clip_trunk(path: str | os.PathLike, abstract_encoder: Any) -> dict[str, Any]:
+  """The ViT-trunk params of a Hugging Face CLIP checkpoint, for an encoder that embeds the
+  trunk (`CLIPViTAdapter`, i.e. `visual_tokenizer_params["encoder"]`).
+
+  Returns `{"embeddings": ..., "pre_layrnorm": ..., "encoder": ...}` to merge into freshly
+  initialised params. When the checkpoint's position table is for another image size than the
+  encoder's, it is resized as the release does at load time (bicubic, `align_corners=True`,
+  class row kept).
+  """
+  tensors = checkpoint_files.open_checkpoint(path)
+  prefix = clip_vision_prefix(tensors, path)
+  trunk = {name: abstract_encoder[name] for name in TRUNK_MODULES}
+  key = f"{prefix}embeddings.position_embedding.weight"
+  target = trunk["embeddings"]["position_embedding"]["embedding"]
+  target_shape = tuple(getattr(target, "value", target).shape)
+  table = tensors[key]
+  overrides = {}
+  if tuple(table.shape) != target_shape:
+    side = round((target_shape[0] - 1) ** 0.5)
+    resized = resize_position_table(jnp.asarray(table, jnp.float32), (side, side),
+                                    align_corners=True)
+    overrides[key] = np.asarray(resized)
+  return params_from_state_dict(trunk, _Overrides(tensors, overrides), prefix,
+                                ignore=CLIP_UNUSED, source=f"CLIP checkpoint {path}")
+
+
 def qformer_config(hf_config: Any, *, num_queries: int,
                    qk_normalization: bool = False) -> QFormerConfig:
   """A `QFormerConfig` from a `transformers.Blip2QFormerConfig`."""
@@ -161,5 +213,6 @@ def load_qformer(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any
 
 
 __all__ = ["CLIP_UNUSED", "QFORMER_UNUSED", "clip_vision_attributes", "clip_vision_params",
-           "clip_vision_prefix", "load_clip_vision", "load_qformer", "qformer_config",
+           "clip_vision_prefix", "load_clip_trunk", "load_clip_vision", "load_qformer",
+           "qformer_config",
            "qformer_params"]

@@ -173,8 +173,10 @@ class CLIPEncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, hidden_states: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-    norm = lambda name: LayerNorm(epsilon=self.layer_norm_eps, axis_name="vision_embed",  # noqa: E731
-                                  dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    def norm(name):
+      return LayerNorm(epsilon=self.layer_norm_eps, axis_name="vision_embed", dtype=self.dtype,
+                       param_dtype=self.param_dtype, name=name)
+
     attended = CLIPAttention(self.hidden_size, self.num_heads, self.attention_implementation,
                              name="self_attn", **kw)(norm("layer_norm1")(hidden_states))
     hidden_states = hidden_states + attended

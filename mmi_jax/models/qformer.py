@@ -58,6 +58,7 @@ class _QFormerModule(nn.Module):
   """Shared attributes and constructors of the Q-Former's modules."""
 
   config: QFormerConfig
+  encoder_axis: str = "vision_embed"  # logical name of the encoder features' width
   dtype: Any = None
   param_dtype: Any = jnp.float32
   precision: Any = None
@@ -69,13 +70,13 @@ class _QFormerModule(nn.Module):
                   bias_init=nn.initializers.zeros, dtype=self.dtype,
                   param_dtype=self.param_dtype, precision=self.precision, name=name)
 
-  def layer_norm(self, name: str, axis_name: str | None = "embed") -> nn.LayerNorm:
+  def layer_norm(self, name: str, axis_name: str | None = "qformer_embed") -> nn.LayerNorm:
     return LayerNorm(epsilon=self.config.layer_norm_eps, axis_name=axis_name, dtype=self.dtype,
                      param_dtype=self.param_dtype, name=name)
 
   def child_settings(self) -> dict[str, Any]:
-    return dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype,
-                precision=self.precision)
+    return dict(config=self.config, encoder_axis=self.encoder_axis, dtype=self.dtype,
+                param_dtype=self.param_dtype, precision=self.precision)
 
 
 class QFormerMultiHeadAttention(_QFormerModule):
@@ -92,14 +93,14 @@ class QFormerMultiHeadAttention(_QFormerModule):
                deterministic: bool = True) -> jax.Array:
     cross = encoder_hidden_states is not None
     source = encoder_hidden_states if cross else hidden_states
-    source_axis = "vision_embed" if cross else "embed"
+    source_axis = self.encoder_axis if cross else "qformer_embed"
     width, num_heads = self.config.hidden_size, self.config.num_heads
     head_dim = width // num_heads
 
     def split_heads(x):
       return x.reshape(*x.shape[:2], num_heads, head_dim)
 
-    query = split_heads(self.dense(width, ("embed", "heads"), "query")(hidden_states))
+    query = split_heads(self.dense(width, ("qformer_embed", "heads"), "query")(hidden_states))
     key = split_heads(self.dense(width, (source_axis, "heads"), "key")(source))
     value = split_heads(self.dense(width, (source_axis, "heads"), "value")(source))
     if self.config.qk_normalization:
@@ -128,7 +129,7 @@ class QFormerOutput(_QFormerModule):
 
   @nn.compact
   def __call__(self, x: jax.Array, residual: jax.Array, deterministic: bool = True):
-    x = self.dense(self.config.hidden_size, (self.input_axis, "embed"), "dense")(x)
+    x = self.dense(self.config.hidden_size, (self.input_axis, "qformer_embed"), "dense")(x)
     x = nn.Dropout(self.config.dropout)(x, deterministic=deterministic)
     return self.layer_norm("LayerNorm")(x + residual)
 
@@ -150,7 +151,7 @@ class QFormerIntermediate(_QFormerModule):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = self.dense(self.config.mlp_dim, ("embed", "mlp"), "dense")(x)
+    x = self.dense(self.config.mlp_dim, ("qformer_embed", "mlp"), "dense")(x)
     x = sharding.constrain(x, ("activation_batch", "activation_length", "activation_heads"))
     return jax.nn.gelu(x, approximate=False)
 
@@ -224,7 +225,7 @@ class PerceiverResampler(_QFormerModule):
                        f"{encoder_hidden_states.shape}")
     queries = self.param(
         "queries", nn.with_logical_partitioning(nn.initializers.normal(self.config.init_std),
-                                                (None, None, "embed")),
+                                                (None, None, "qformer_embed")),
         (1, self.config.num_queries, self.config.hidden_size), self.param_dtype)
     batch = encoder_hidden_states.shape[0]
     dtype = self.dtype or encoder_hidden_states.dtype

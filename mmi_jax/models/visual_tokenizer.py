@@ -140,14 +140,16 @@ class VisualTokenizer(nn.Module):
     positions = positions.astype(last_hidden.dtype)
 
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
-    norm = lambda name: LayerNorm(epsilon=self.layer_norm_eps, axis_name="vision_embed",  # noqa: E731
-                                  dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-    projected = Linear(width, kernel_axes=("vision_embed", "vision_embed"), name="pos_proj",
+    def norm(name):
+      return LayerNorm(epsilon=self.layer_norm_eps, axis_name="vision_embed", dtype=self.dtype,
+                       param_dtype=self.param_dtype, name=name)
+
+    projected = Linear(width, kernel_axes=("vision_embed", "query_proj"), name="pos_proj",
                        **kw)(last_hidden)
     qformer_inputs = norm("post_ln")(norm("pos_ln")(projected) + positions)
     queries = PerceiverResampler(self.qformer, name="perceiver_resampler", **kw)(
         qformer_inputs, deterministic=deterministic)
-    vis_embed = Linear(self.output_dim, kernel_axes=("embed", "embed"),
+    vis_embed = Linear(self.output_dim, kernel_axes=("qformer_embed", "embed"),
                        kernel_init=nn.initializers.normal(self.proj_init_std),
                        bias_init=nn.initializers.zeros, name="proj", **kw)(queries)
     return {"vis_embed": vis_embed, "image_embeds": (last_hidden + positions)[:, 1:],

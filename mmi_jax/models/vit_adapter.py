@@ -18,8 +18,9 @@ Outputs: the 4 multi-scale maps `c_i + resize(block_i patches, x4, x2, x1, x0.5)
 `c1 = ConvTranspose(c2) + c1`), at 4x, 2x, 1x and 0.5x the patch grid, and the last hidden
 state `[cls, block-4 patches]`. Maps are channels-last `[B, h, w, D]`.
 
-Param names follow the release's (`adapter_spm/stem_0`, `adapter_interactions_3/extra_extractors_1/ffn/dwconv/dwconv`, ...) and Hugging Face's for the ViT, so the state dict maps by
-the rule in `mmi_jax.convert.torch_names`.
+Param names follow the release's (`adapter_spm/stem_0`,
+`adapter_interactions_3/extra_extractors_1/ffn/dwconv/dwconv`, ...) and Hugging Face's for the
+ViT, so the state dict maps by the rule in `mmi_jax.convert.torch_names`.
 """
 
 from __future__ import annotations
@@ -340,7 +341,7 @@ class CLIPViTAdapter(CLIPVisionTransformer):
         for index in range(len(self.interaction_indexes))
     ]
     self.adapter_up = ConvTranspose2d(self.hidden_size, 2, stride=2,
-                                      kernel_axes=("vision_embed", "vision_embed"), **kw)
+                                      kernel_axes=("vision_embed", "query_proj"), **kw)
 
   def _check(self, pixel_values: jax.Array) -> int:
     name = type(self).__name__
@@ -380,6 +381,7 @@ class CLIPViTAdapter(CLIPVisionTransformer):
     patch_points = jnp.asarray(reference_points(patch_shape))
     pyramid_points = jnp.asarray(reference_points(pyramid_shapes))
     token_axes = ("activation_batch", "activation_length", "activation_embed")
+    map_axes = ("activation_batch", None, None, "activation_embed")
 
     cls_token, patches = hidden_states[:, :1], hidden_states[:, 1:]
     block_outputs = []
@@ -390,12 +392,17 @@ class CLIPViTAdapter(CLIPVisionTransformer):
       pyramid = sharding.constrain(
           block.extract(pyramid, pyramid_points, patches),
           token_axes)
-      block_outputs.append(patches.reshape(batch, grid, grid, self.hidden_size))
+      # Constraining the maps explicitly also sidesteps an XLA sharding-propagation bug
+      # (jax 0.10, CPU): without it, with the batch split over (data, fsdp), the sums below
+      # mixed up batch entries.
+      block_outputs.append(sharding.constrain(
+          patches.reshape(batch, grid, grid, self.hidden_size), map_axes))
 
-    c2, c3, c4 = split_maps(pyramid, pyramid_shapes)
-    c1 = self.adapter_up(c2) + c1
+    c2, c3, c4 = (sharding.constrain(c, map_axes) for c in split_maps(pyramid, pyramid_shapes))
+    c1 = sharding.constrain(self.adapter_up(c2) + c1, map_axes)
     x1, x2, x3, x4 = block_outputs
-    multiscale = (c1 + resize(x1, scale_factor=4), c2 + resize(x2, scale_factor=2), c3 + x3,
-                  c4 + resize(x4, scale_factor=0.5))
+    multiscale = tuple(sharding.constrain(m, map_axes) for m in (
+        c1 + resize(x1, scale_factor=4), c2 + resize(x2, scale_factor=2), c3 + x3,
+        c4 + resize(x4, scale_factor=0.5)))
     last_hidden_state = jnp.concatenate([cls_token, flatten_maps([x4])], axis=1)
     return {"last_hidden_state": last_hidden_state, "multiscale_features": multiscale}
