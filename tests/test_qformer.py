@@ -1,6 +1,7 @@
 """The BLIP-2 Q-Former perceiver against transformers' Blip2QFormerModel and, with the
 release's qk-normalization, against the independent reference in torch_vision_references."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,7 +127,6 @@ def test_encoder_mask_must_match_the_features():
   queries = jnp.zeros((1, 2, 8))
   features = jnp.zeros((1, 3, 4))
   abstract = sharding.abstract_params(module, queries, features)
-  params = jax.tree.map(lambda x: jnp.zeros(x.shape), jax.tree.map(
-      lambda b: b.value, abstract, is_leaf=lambda b: hasattr(b, "value")))
+  params = jax.tree.map(lambda x: jnp.zeros(x.shape), nn.meta.unbox(abstract))
   with pytest.raises(ValueError, match="encoder_attention_mask"):
     module.apply({"params": params}, queries, features, jnp.ones((1, 4)))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -108,12 +107,6 @@ class CheckpointReader:
 
   def __contains__(self, key: str) -> bool:
     return key in self._key_set
-
-  def __iter__(self) -> Iterator[str]:
-    return iter(self.keys())
-
-  def __len__(self) -> int:
-    return len(self.keys())
 
   def __getitem__(self, key: str) -> np.ndarray:
     if self._shard_of is None:

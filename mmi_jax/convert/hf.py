@@ -20,6 +20,7 @@ import os
 import pathlib
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,25 +120,6 @@ def load_clip_vision(path: str | os.PathLike, *, dtype: Any = None,
   return module, jax.tree.map(jnp.asarray, params)
 
 
-class _Overrides(Mapping):
-  """A tensor mapping with some keys replaced (read-through for the rest)."""
-
-  def __init__(self, tensors: Mapping[str, Any], overrides: dict[str, np.ndarray]):
-    self._tensors, self._overrides = tensors, overrides
-
-  def __getitem__(self, key: str):
-    return self._overrides[key] if key in self._overrides else self._tensors[key]
-
-  def __iter__(self):
-    return iter(self._tensors.keys())
-
-  def __len__(self) -> int:
-    return len(self._tensors.keys())
-
-  def keys(self):
-    return self._tensors.keys()
-
-
 TRUNK_MODULES = ("embeddings", "pre_layrnorm", "encoder")
 
 
@@ -152,19 +134,21 @@ def load_clip_trunk(path: str | os.PathLike, abstract_encoder: Any) -> dict[str,
   """
   tensors = checkpoint_files.open_checkpoint(path)
   prefix = clip_vision_prefix(tensors, path)
-  trunk = {name: abstract_encoder[name] for name in TRUNK_MODULES}
-  key = f"{prefix}embeddings.position_embedding.weight"
-  target = trunk["embeddings"]["position_embedding"]["embedding"]
-  target_shape = tuple(getattr(target, "value", target).shape)
-  table = tensors[key]
-  overrides = {}
-  if tuple(table.shape) != target_shape:
-    side = round((target_shape[0] - 1) ** 0.5)
-    resized = resize_position_table(jnp.asarray(table, jnp.float32), (side, side),
+  trunk = nn.meta.unbox({name: abstract_encoder[name] for name in TRUNK_MODULES})
+  table = trunk["embeddings"]["position_embedding"]["embedding"]
+  file_rows = tensors[f"{prefix}embeddings.position_embedding.weight"].shape[0]
+  # Convert the table at the checkpoint's size, then resize it to the encoder's.
+  trunk["embeddings"]["position_embedding"]["embedding"] = jax.ShapeDtypeStruct(
+      (file_rows, table.shape[1]), table.dtype)
+  params = params_from_state_dict(trunk, tensors, prefix, ignore=CLIP_UNUSED,
+                                  source=f"CLIP checkpoint {path}")
+  if file_rows != table.shape[0]:
+    side = round((table.shape[0] - 1) ** 0.5)
+    resized = resize_position_table(jnp.asarray(
+        params["embeddings"]["position_embedding"]["embedding"]), (side, side),
                                     align_corners=True)
-    overrides[key] = np.asarray(resized)
-  return params_from_state_dict(trunk, _Overrides(tensors, overrides), prefix,
-                                ignore=CLIP_UNUSED, source=f"CLIP checkpoint {path}")
+    params["embeddings"]["position_embedding"]["embedding"] = np.asarray(resized, table.dtype)
+  return params
 
 
 def qformer_config(hf_config: Any, *, num_queries: int,

@@ -33,13 +33,8 @@ def release_key(key: str, renames=VISUAL_TOKENIZER_RENAMES) -> str:
 
 
 def visual_tokenizer_params(abstract: Any, tensors: Mapping[str, Any], *,
-                            prefix: str = VISUAL_TOKENIZER_PREFIX,
                             source: str = "release checkpoint") -> dict[str, Any]:
   """The `VisualTokenizer` params from a release state dict (keys `visual_tokenizer.*`)."""
-  renames = tuple((prefix + ours[len(VISUAL_TOKENIZER_PREFIX):],
-                   prefix + theirs[len(VISUAL_TOKENIZER_PREFIX):])
-                  for ours, theirs in VISUAL_TOKENIZER_RENAMES)
-  buffers = tuple(p.replace(r"^visual_tokenizer\.", "^" + prefix.replace(".", r"\."))
-                  for p in VISUAL_TOKENIZER_BUFFERS)
-  return params_from_state_dict(abstract, tensors, prefix, ignore=buffers,
-                                rename=lambda key: release_key(key, renames), source=source)
+  return params_from_state_dict(abstract, tensors, VISUAL_TOKENIZER_PREFIX,
+                                ignore=VISUAL_TOKENIZER_BUFFERS, rename=release_key,
+                                source=source)

@@ -21,8 +21,8 @@ import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
-import jax
 import numpy as np
+from flax import traverse_util
 
 _LIST_ENTRY = re.compile(r"^(.+)_(\d+)$")
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
@@ -59,30 +59,6 @@ def to_torch_layout(path: Sequence[str], array: np.ndarray) -> np.ndarray:
   return array
 
 
-def _key_name(key: Any) -> str:
-  for attribute in ("key", "name", "idx"):
-    if hasattr(key, attribute):
-      return str(getattr(key, attribute))
-  return str(key)
-
-
-def flat_params(params: Any) -> dict[tuple[str, ...], Any]:
-  """`{path: leaf}` for a (possibly boxed or abstract) param tree."""
-  leaves = jax.tree_util.tree_flatten_with_path(
-      params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))[0]
-  return {tuple(_key_name(k) for k in path): leaf for path, leaf in leaves}
-
-
-def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for path, value in flat.items():
-    node = tree
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = value
-  return tree
-
-
 class ConversionError(ValueError):
   """A state dict does not match the params it should fill; the message lists every problem."""
 
@@ -115,8 +91,7 @@ def params_from_state_dict(abstract_params: Any, tensors: Mapping[str, Any] | An
   available = set(tensors.keys())
   missing, mismatched, used = [], [], set()
   flat = {}
-  for path, leaf in flat_params(abstract_params).items():
-    leaf = leaf.unbox() if isinstance(leaf, nn.meta.AxisMetadata) else leaf
+  for path, leaf in traverse_util.flatten_dict(nn.meta.unbox(abstract_params)).items():
     key = torch_name(path, prefix)
     key = rename(key) if rename else key
     if key not in available:
@@ -142,10 +117,4 @@ def params_from_state_dict(abstract_params: Any, tensors: Mapping[str, Any] | An
   if problems:
     raise ConversionError(f"{source} does not match the model (prefix {prefix!r}):\n"
                           + "\n".join(problems))
-  return unflatten(flat)
-
-
-def state_dict_from_params(params: Any, prefix: str = "") -> dict[str, np.ndarray]:
-  """The torch-named, torch-laid-out tensors of a param tree (for export and tests)."""
-  return {torch_name(path, prefix): to_torch_layout(path, np.asarray(leaf))
-          for path, leaf in flat_params(nn.meta.unbox(params)).items()}
+  return traverse_util.unflatten_dict(flat)

@@ -93,11 +93,11 @@ class CLIPVisionEmbeddings(nn.Module):
                                                         ("vision_embed",)),
         (self.hidden_size,), self.param_dtype)
     num_positions = (self.image_size // self.patch_size) ** 2 + 1
-    position_table = nn.Embed(
+    position_table = nn.Embed(  # the whole table is used: no lookup
         num_positions, self.hidden_size, param_dtype=self.param_dtype,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                     (None, "vision_embed")),
-        name="position_embedding")(jnp.arange(num_positions))
+        name="position_embedding").embedding
     positions = resize_position_table(position_table, grid)
     dtype = patches.dtype
     class_tokens = jnp.broadcast_to(class_embedding.astype(dtype), (batch, 1, self.hidden_size))

@@ -16,7 +16,7 @@ Mirrors `mm_interleaved/models/encoders/visual_tokenizer.py::VisualTokenizer`:
 Param names follow the release (`pos_proj`, `pos_ln`, `pos_embed`, `perceiver_resampler/...`,
 `post_ln`, `proj`), except that the encoder's params sit directly under `encoder/` where the
 release nests them in `encoder.vision_model.` (Hugging Face's model wrapper);
-`mmi_jax.convert.release_names` maps that prefix.
+`mmi_jax.convert.release` maps that prefix.
 """
 
 from __future__ import annotations
@@ -27,28 +27,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmi_jax.models.clip_vision import resize_position_table
 from mmi_jax.models.linear import Linear
 from mmi_jax.models.norms import LayerNorm
 from mmi_jax.models.qformer import PerceiverResampler, QFormerConfig
 from mmi_jax.models.sincos import sincos_2d
 from mmi_jax.models.vit_adapter import CLIPViTAdapter
-from mmi_jax.ops.resize import resize
 
 # Params the release does not train: the CLIP ViT trunk (`freeze_vit=True`) and the fixed
 # position table. Everything else (adapter, perceiver, projections, norms) is trained.
 FROZEN_VIT_PATTERNS = (r"^encoder/(embeddings|pre_layrnorm|encoder)/",)
 ALWAYS_FROZEN_PATTERNS = (r"^pos_embed$",)
-
-
-def resize_square_table(table: jax.Array, side: int) -> jax.Array:
-  """A `[G*G, D]` row-major table resized to `[side*side, D]` (bicubic, a = -0.75)."""
-  grid = round(table.shape[0] ** 0.5)
-  if grid * grid != table.shape[0]:
-    raise ValueError(f"a table of {table.shape[0]} rows is not a square grid")
-  if grid == side:
-    return table
-  resized = resize(table.reshape(grid, grid, -1), (side, side), mode="bicubic")
-  return resized.reshape(side * side, -1)
 
 
 class VisualTokenizer(nn.Module):
@@ -131,12 +120,11 @@ class VisualTokenizer(nn.Module):
     multiscale = []
     for features in encoded["multiscale_features"]:
       _, height, map_width, _ = features.shape
-      if height != map_width:
-        raise ValueError(f"VisualTokenizer: maps must be square, got {features.shape}")
-      positions = resize_square_table(pos_embed[1:], height).reshape(height, height, width)
-      multiscale.append(features + positions.astype(features.dtype))
+      positions = resize_position_table(pos_embed, (height, map_width))[1:]
+      multiscale.append(features + positions.reshape(height, map_width, width).astype(
+          features.dtype))
     patch_side = round((last_hidden.shape[1] - 1) ** 0.5)
-    positions = jnp.concatenate([pos_embed[:1], resize_square_table(pos_embed[1:], patch_side)])
+    positions = resize_position_table(pos_embed, (patch_side, patch_side))
     positions = positions.astype(last_hidden.dtype)
 
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision)
