@@ -37,6 +37,7 @@ LOGICAL_AXIS_RULES: LogicalRules = (
     ("embed", "fsdp"),  # a model's residual width (LLM hidden, UNet channels, ViT width)
     ("vision_embed", "fsdp"),  # width of the image features MMFS samples
     ("mlp", "tensor"),
+    ("vocab", "tensor"),  # rows of a token embedding, columns of an output head
     ("heads", "tensor"),  # any head-major flattened dim (H * head_dim, H * points * 2, ...)
     ("query_proj", "tensor"),  # output of a square projection (MMFS dynamic offsets, pos_proj)
     ("qformer_embed", "fsdp"),  # a Q-Former's width

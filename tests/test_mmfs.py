@@ -22,8 +22,8 @@ QUERY_DIM, VALUE_DIM, ATTENTION_DIM, OUTPUT_DIM = 24, 20, 32, 28
 
 
 def _module(scale_sizes, base=2, max_images=50, dtype=None, param_dtype=jnp.float32):
-  return MMFS(attention_dim=ATTENTION_DIM, output_dim=OUTPUT_DIM, scale_sizes=scale_sizes,
-              base_spatial_shape=base, num_heads=HEADS, num_points=POINTS,
+  return MMFS(query_dim=QUERY_DIM, attention_dim=ATTENTION_DIM, output_dim=OUTPUT_DIM,
+              scale_sizes=scale_sizes, base_spatial_shape=base, num_heads=HEADS, num_points=POINTS,
               max_images=max_images, dtype=dtype, param_dtype=param_dtype)
 
 
@@ -165,7 +165,7 @@ def test_bfloat16_inputs_give_bfloat16_outputs_within_bf16_tolerance():
 
 def test_initialisation_follows_the_original():
   scale_sizes = (4, 2, 1)
-  module = MMFS(attention_dim=64, output_dim=48, scale_sizes=scale_sizes, base_spatial_shape=2,
+  module = MMFS(query_dim=40, attention_dim=64, output_dim=48, scale_sizes=scale_sizes, base_spatial_shape=2,
                 offset_init_magnitude=3.0, max_images=50)
   query, reference, values = _inputs(9, 1, 2, 1, scale_sizes)
   params = nn.meta.unbox(module.init(jax.random.key(3), np.ones((1, 2, 40), np.float32),

@@ -6,6 +6,8 @@
   q/k LayerNorms (the release's qk-normalization) are detected from the weights.
 * `load_clip_trunk(path, abstract_encoder)`: the CLIP trunk's params for the ViT-Adapter
   encoder of the visual tokenizer (the public starting point of training).
+* `load_llama(path)`: a `LlamaForCausalLM` directory -> `(LlamaForCausalLM, params)`,
+  optionally with the vocabulary grown the way the release grew it (32000 -> 32002).
 * `clip_vision_params(...)` / `qformer_params(...)`: the same conversions into a given abstract
   param tree, for composite models that embed these components.
 
@@ -16,6 +18,7 @@ MM-Interleaved replaces by the identity, and the text tower of a full CLIPModel)
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 from typing import Any, Mapping
@@ -29,6 +32,7 @@ from mmi_jax.convert import checkpoint_files
 from mmi_jax.convert.torch_names import params_from_state_dict
 from mmi_jax.models.clip_vision import (ACTIVATIONS, CLIPVisionTransformer,
                                         resize_position_table)
+from mmi_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from mmi_jax.models.qformer import Blip2QFormer, QFormerConfig
 from mmi_jax.sharding import abstract_params
 
@@ -196,7 +200,105 @@ def load_qformer(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any
   return module, jax.tree.map(jnp.asarray, params)
 
 
-__all__ = ["CLIP_UNUSED", "QFORMER_UNUSED", "clip_vision_attributes", "clip_vision_params",
+# Buffers some Llama checkpoints carry (older transformers saved the RoPE frequencies).
+LLAMA_UNUSED = (r"\.rotary_emb\.inv_freq$",)
+
+
+def rope_settings(hf_config: Any) -> tuple[float, float]:
+  """`(theta, linear scaling factor)` of a Hugging Face Llama config (transformers 4 or 5)."""
+  parameters = getattr(hf_config, "rope_parameters", None)
+  if parameters is None:  # transformers 4: rope_theta and rope_scaling
+    parameters = dict(getattr(hf_config, "rope_scaling", None) or {})
+    parameters.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+  rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+  if rope_type == "default":
+    return float(parameters["rope_theta"]), 1.0
+  if rope_type == "linear":
+    return float(parameters["rope_theta"]), float(parameters["factor"])
+  raise NotImplementedError(f"Llama RoPE type {rope_type!r} is not implemented (only 'default' "
+                            "and 'linear'; Vicuna and Llama 2 use 'default')")
+
+
+def llama_config(hf_config: Any, **overrides) -> LlamaConfig:
+  """A `LlamaConfig` (without MMFS) from a `transformers.LlamaConfig`."""
+  theta, factor = rope_settings(hf_config)
+  fields = dict(
+      vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
+      num_layers=hf_config.num_hidden_layers, num_heads=hf_config.num_attention_heads,
+      num_kv_heads=getattr(hf_config, "num_key_value_heads", None)
+      or hf_config.num_attention_heads,
+      mlp_dim=hf_config.intermediate_size, head_dim=getattr(hf_config, "head_dim", None),
+      activation=hf_config.hidden_act, rms_norm_eps=hf_config.rms_norm_eps, rope_theta=theta,
+      rope_scaling_factor=factor, max_position_embeddings=hf_config.max_position_embeddings,
+      attention_bias=bool(getattr(hf_config, "attention_bias", False)),
+      mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+      tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+      initializer_range=hf_config.initializer_range)
+  fields.update(overrides)
+  return LlamaConfig(**fields)
+
+
+def grow_vocabulary(table: np.ndarray, rows: int, rng: jax.Array, stddev: float) -> np.ndarray:
+  """`table [V, D]` with rows appended up to `rows`, drawn from N(0, stddev).
+
+  This is what the release's `resize_token_embeddings(32002)` did with transformers 4.31: the
+  new embedding and `lm_head` rows were initialised by the model's `_init_weights`.
+  """
+  if rows < table.shape[0]:
+    raise ValueError(f"cannot shrink a vocabulary of {table.shape[0]} rows to {rows}")
+  new_rows = stddev * jax.random.normal(rng, (rows - table.shape[0], table.shape[1]),
+                                        jnp.float32)
+  return np.concatenate([np.asarray(table), np.asarray(new_rows, table.dtype)], axis=0)
+
+
+def load_llama(path: str | os.PathLike, *, vocab_size: int | None = None,
+               rng: jax.Array | None = None, dtype: Any = None,
+               param_dtype: Any = jnp.float32,
+               **attributes) -> tuple[LlamaForCausalLM, dict[str, Any]]:
+  """Loads a Hugging Face `LlamaForCausalLM` checkpoint directory.
+
+  Args:
+    path: a directory with config.json and safetensors (possibly sharded with an index json)
+      or pytorch_model.bin weights (read with `torch.load(weights_only=True)`).
+    vocab_size: grow the vocabulary to this many ids (32002 for MM-Interleaved), the new
+      embedding and `lm_head` rows drawn from N(0, initializer_range) as the release's
+      `resize_token_embeddings` did; None keeps the checkpoint's.
+    rng: the key for those new rows (required when the vocabulary grows).
+    dtype: computation dtype (None: float32 params give float32 compute).
+    param_dtype: dtype the params are converted to.
+    **attributes: `attention_implementation`, `remat_policy`, `precision`.
+
+  Returns:
+    `(module, params)`: `module.apply({"params": params}, input_ids, attention_mask)` returns
+    float32 logits `[B, L, vocab]` equal to `LlamaForCausalLM(input_ids, attention_mask)`.
+  """
+  hf_config = _pretrained_config(path)
+  if hf_config.model_type != "llama":
+    raise ValueError(f"{path}: model_type {hf_config.model_type!r} is not llama")
+  config = llama_config(hf_config)
+  module = LlamaForCausalLM(config, dtype=dtype, param_dtype=param_dtype, **attributes)
+  abstract = abstract_params(module, jax.ShapeDtypeStruct((1, 1), jnp.int32))
+  tensors = checkpoint_files.open_checkpoint(path)
+  params = params_from_state_dict(abstract, tensors, ignore=LLAMA_UNUSED,
+                                  source=f"Llama checkpoint {path}")
+  if vocab_size is not None and vocab_size != config.vocab_size:
+    if rng is None:
+      raise ValueError("load_llama: growing the vocabulary needs an rng for the new rows")
+    embed_rng, head_rng = jax.random.split(rng)
+    embedding = params["model"]["embed_tokens"]
+    embedding["embedding"] = grow_vocabulary(embedding["embedding"], vocab_size, embed_rng,
+                                             config.initializer_range)
+    if not config.tie_word_embeddings:
+      head = params["lm_head"]
+      head["kernel"] = grow_vocabulary(head["kernel"].T, vocab_size, head_rng,
+                                       config.initializer_range).T
+    config = dataclasses.replace(config, vocab_size=vocab_size)
+    module = module.clone(config=config)
+  return module, jax.tree.map(jnp.asarray, params)
+
+
+__all__ = ["CLIP_UNUSED", "LLAMA_UNUSED", "grow_vocabulary", "llama_config", "load_llama",
+           "rope_settings", "QFORMER_UNUSED", "clip_vision_attributes", "clip_vision_params",
            "clip_vision_prefix", "load_clip_trunk", "load_clip_vision", "load_qformer",
            "qformer_config",
            "qformer_params"]

@@ -82,6 +82,7 @@ class MMFS(nn.Module):
   """Multi-image multi-scale deformable attention with relative image positions.
 
   Attributes:
+    query_dim: width of the queries (`d_query`); None: `output_dim`, as in the LLM and the UNet.
     attention_dim: width of the projected values (`int(d_model * ratio)` in the original),
       split into `num_heads` heads; also the width of `ignore_token`.
     output_dim: width of the output (`d_out`).
@@ -119,6 +120,7 @@ class MMFS(nn.Module):
   param_dtype: Any = jnp.float32
   precision: Any = None
   gather_budget: int = DEFAULT_GATHER_BUDGET
+  query_dim: int | None = None
 
   @classmethod
   def from_config(cls, mmfs_config, *, attention_dim: int, output_dim: int,
@@ -142,9 +144,37 @@ class MMFS(nn.Module):
                max_images=mmfs_config.max_images,
                kernel_init_std=mmfs_config.get("kernel_init_std"), **attributes)
 
-  @nn.compact
+  def setup(self):
+    query_dim = self.query_dim or self.output_dim
+    heads, points, scales = self.num_heads, self.num_points, len(self.scale_sizes)
+    default_init = (torch_default_kernel_init if self.kernel_init_std is None else
+                    nn.initializers.normal(self.kernel_init_std))
+    dense = lambda features, axes, **kw: Linear(  # noqa: E731
+        features, kernel_axes=axes, dtype=self.dtype, param_dtype=self.param_dtype,
+        precision=self.precision, **kw)
+    self.value_proj = dense(self.attention_dim, (self.value_axis, "heads"),
+                            kernel_init=nn.initializers.xavier_uniform(),
+                            bias_init=nn.initializers.zeros)
+    self.query_relpos = self.param(
+        "query_relpos", nn.with_logical_partitioning(torch_trunc_normal_init(0.02),
+                                                     ("image_slots", self.query_axis)),
+        (self.max_images, query_dim), self.param_dtype)
+    self.dynamic_offset_mask = dense(query_dim, (self.query_axis, "query_proj"),
+                                     kernel_init=default_init, bias_init=nn.initializers.zeros)
+    self.sampling_offsets = dense(heads * points * 2, (self.query_axis, "heads"),
+                                  kernel_init=nn.initializers.zeros,
+                                  bias_init=uniform_init(self.offset_init_magnitude))
+    self.attention_weights = dense(heads * scales * (points + 1), (self.query_axis, "heads"),
+                                   kernel_init=default_init, bias_init=nn.initializers.zeros)
+    self.ignore_token = self.param(
+        "ignore_token", nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)),
+        (self.attention_dim,), self.param_dtype)
+    self.output_proj = dense(self.output_dim, ("heads", self.query_axis),
+                             kernel_init=nn.initializers.xavier_uniform(),
+                             bias_init=nn.initializers.zeros)
+
   def __call__(self, query: jax.Array, reference_points: jax.Array, values: jax.Array,
-               image_mask: jax.Array) -> jax.Array:
+               image_mask: jax.Array, slot_mask: jax.Array | None = None) -> jax.Array:
     """Samples every visible image's multi-scale features for each query.
 
     Args:
@@ -153,50 +183,68 @@ class MMFS(nn.Module):
       values: `[B, N, S, Dv]`, each image's K maps flattened (`S = sum_k scale_k ** 2`).
       image_mask: `[B, N]` (all queries alike) or `[B, Lq, N]` (per query); nonzero/True
         where the image is visible.
+      slot_mask: optional `[B, N]`, True for the image slots that hold an image (see
+        `attend`); None: all N slots count, as the original, whose N is the batch's largest
+        image count.
 
     Returns:
       `[B, Lq, output_dim]`.
     """
+    if values.ndim != 4:
+      raise ValueError(f"MMFS: values must be [batch, images, positions, dim], got shape "
+                       f"{values.shape}")
+    return self.attend(query, reference_points, self.project_values(values), image_mask,
+                       slot_mask)
+
+  def project_values(self, values: jax.Array) -> jax.Array:
+    """`value_proj` of every image's features, split into heads.
+
+    Depends on the images only, so a decoder computes it once per image and reuses it for
+    every new token (see `attend`).
+
+    Args:
+      values: `[B, N, S, Dv]`.
+    Returns:
+      `[B, N, S, H, attention_dim / H]`.
+    """
+    batch, num_images, positions, _ = values.shape
+    value = self.value_proj(values).reshape(batch, num_images, positions, self.num_heads, -1)
+    return sharding.constrain(value, ("activation_batch", None, None, "activation_heads", None))
+
+  def attend(self, query: jax.Array, reference_points: jax.Array, projected_values: jax.Array,
+             image_mask: jax.Array, slot_mask: jax.Array | None = None) -> jax.Array:
+    """MMFS on values already passed through `project_values`.
+
+    Args:
+      query, reference_points, image_mask: as in `__call__`.
+      projected_values: `[B, N, S, H, head_dim]` from `project_values`.
+      slot_mask: optional `[B, N]`. Slots outside it are left out of the softmax entirely
+        (their ignore slots too), and the ignore logit becomes `-log(N_b * K)` with `N_b` the
+        row's number of slots in the mask (at least 1): each row then computes what the
+        original computes for a batch made of that row alone, however many padding slots a
+        static shape adds. The slots in the mask must come first.
+    Returns:
+      `[B, Lq, output_dim]`.
+    """
+    self._check_inputs(query, reference_points, projected_values.shape[:3], image_mask,
+                       slot_mask)
     batch, queries, _ = query.shape
-    num_images = values.shape[1]
-    self._check_inputs(query, reference_points, values, image_mask)
+    num_images, positions = projected_values.shape[1:3]
     heads, points, scales = self.num_heads, self.num_points, len(self.scale_sizes)
     head_dim = self.attention_dim // heads
     levels = num_images * scales
-    default_init = (torch_default_kernel_init if self.kernel_init_std is None else
-                    nn.initializers.normal(self.kernel_init_std))
-    dense = lambda features, axes, **kw: Linear(  # noqa: E731
-        features, kernel_axes=axes, dtype=self.dtype, param_dtype=self.param_dtype,
-        precision=self.precision, **kw)
-
-    # Values: [B, N * S, H, head_dim], images then scales, as the levels of the op.
-    value = dense(self.attention_dim, (self.value_axis, "heads"),
-                  kernel_init=nn.initializers.xavier_uniform(),
-                  bias_init=nn.initializers.zeros, name="value_proj")(values)
-    value = value.reshape(batch, num_images * values.shape[2], heads, head_dim)
-    value = sharding.constrain(value, ("activation_batch", None, "activation_heads", None))
+    value = projected_values.reshape(batch, num_images * positions, heads, head_dim)
 
     # Per (query, image) projections of q' = dynamic_offset_mask(q) + query_relpos[r].
     image_mask = image_mask if image_mask.ndim == 3 else image_mask[:, None, :]  # [B, 1|Lq, N]
-    positions = relative_image_positions(image_mask)
-    position_table = self.param(
-        "query_relpos", nn.with_logical_partitioning(torch_trunc_normal_init(0.02),
-                                                     ("image_slots", self.query_axis)),
-        (self.max_images, query.shape[-1]), self.param_dtype)
-    offset_query = dense(query.shape[-1], (self.query_axis, "query_proj"),
-                         kernel_init=default_init, bias_init=nn.initializers.zeros,
-                         name="dynamic_offset_mask")(query)
-    offset_proj = dense(heads * points * 2, (self.query_axis, "heads"),
-                        kernel_init=nn.initializers.zeros,
-                        bias_init=uniform_init(self.offset_init_magnitude),
-                        name="sampling_offsets")
-    logit_proj = dense(heads * scales * (points + 1), (self.query_axis, "heads"),
-                       kernel_init=default_init, bias_init=nn.initializers.zeros,
-                       name="attention_weights")
-    offsets = _per_image(offset_proj(offset_query),
-                         offset_proj(position_table, add_bias=False), positions)
-    logits = _per_image(logit_proj(offset_query),
-                        logit_proj(position_table, add_bias=False), positions)
+    relative_positions = relative_image_positions(image_mask)
+    offset_query = self.dynamic_offset_mask(query)
+    offsets = _per_image(self.sampling_offsets(offset_query),
+                         self.sampling_offsets(self.query_relpos, add_bias=False),
+                         relative_positions)
+    logits = _per_image(self.attention_weights(offset_query),
+                        self.attention_weights(self.query_relpos, add_bias=False),
+                        relative_positions)
 
     # Sampling locations [B, Lq, H, N * K, P, 2]: one offset per image, scaled per scale.
     sizes = np.asarray(self.scale_sizes, np.float32)
@@ -209,10 +257,17 @@ class MMFS(nn.Module):
 
     # Attention weights: masked images, ignore slots at -log(N * K), one softmax per head.
     logits = logits.reshape(batch, queries, num_images, heads, scales, points + 1)
-    logits = logits.astype(jnp.float32).transpose(0, 1, 3, 2, 4, 5)
+    logits = logits.astype(jnp.float32).transpose(0, 1, 3, 2, 4, 5)  # [B, Lq, H, N, K, P+1]
     mask_logits = (1.0 - (image_mask != 0).astype(jnp.float32)) * MASKED_LOGIT  # [B, 1|Lq, N]
     logits = logits + mask_logits[:, :, None, :, None, None]
-    logits = logits.at[..., points].set(-math.log(levels))
+    if slot_mask is None:
+      logits = logits.at[..., points].set(-math.log(levels))
+    else:
+      slots = (slot_mask != 0)
+      slot_count = jnp.maximum(jnp.sum(slots, axis=-1), 1).astype(jnp.float32)  # [B]
+      ignore_logit = -jnp.log(slot_count * scales)
+      logits = logits.at[..., points].set(ignore_logit[:, None, None, None, None])
+      logits = jnp.where(slots[:, None, None, :, None, None], logits, -jnp.inf)
     weights = jax.nn.softmax(logits.reshape(batch, queries, heads, -1), axis=-1)
     weights = weights.reshape(batch, queries, heads, levels, points + 1)
 
@@ -221,31 +276,27 @@ class MMFS(nn.Module):
                                 gather_budget=self.gather_budget)
 
     # The ignore slots' weights multiply one learned vector per head.
-    ignore_token = self.param("ignore_token",
-                              nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)),
-                              (self.attention_dim,), self.param_dtype)
     ignore_weight = jnp.sum(weights[..., points], axis=-1)  # [B, Lq, H]
-    ignored = ignore_weight[..., None] * ignore_token.astype(jnp.float32).reshape(heads, head_dim)
+    ignore_token = self.ignore_token.astype(jnp.float32).reshape(heads, head_dim)
+    ignored = ignore_weight[..., None] * ignore_token
     attended = sampled + ignored.reshape(batch, queries, self.attention_dim).astype(sampled.dtype)
     attended = sharding.constrain(attended, ("activation_batch", "activation_length", None))
-
-    output = dense(self.output_dim, ("heads", self.query_axis),
-                   kernel_init=nn.initializers.xavier_uniform(),
-                   bias_init=nn.initializers.zeros, name="output_proj")(attended)
+    output = self.output_proj(attended)
     return sharding.constrain(output, ("activation_batch", "activation_length",
                                        "activation_embed"))
 
-  def _check_inputs(self, query, reference_points, values, image_mask) -> None:
+  def _check_inputs(self, query, reference_points, values_shape, image_mask, slot_mask) -> None:
     if self.attention_dim % self.num_heads:
       raise ValueError(f"MMFS: attention_dim {self.attention_dim} is not divisible by "
                        f"num_heads {self.num_heads}")
-    if query.ndim != 3:
-      raise ValueError(f"MMFS: query must be [batch, queries, dim], got shape {query.shape}")
+    query_dim = self.query_dim or self.output_dim
+    if query.ndim != 3 or query.shape[-1] != query_dim:
+      raise ValueError(f"MMFS: query must be [batch, queries, {query_dim}], got shape "
+                       f"{query.shape}")
     batch, queries, _ = query.shape
-    if values.ndim != 4 or values.shape[0] != batch:
-      raise ValueError(f"MMFS: values must be [batch={batch}, images, positions, dim], got "
-                       f"shape {values.shape}")
-    num_images, positions = values.shape[1], values.shape[2]
+    if values_shape[0] != batch:
+      raise ValueError(f"MMFS: values have batch {values_shape[0]}, the query {batch}")
+    num_images, positions = values_shape[1], values_shape[2]
     expected = sum(s * s for s in self.scale_sizes)
     if positions != expected:
       raise ValueError(f"MMFS: values have {positions} positions per image but scales "
@@ -263,6 +314,9 @@ class MMFS(nn.Module):
     if tuple(image_mask.shape) not in valid_masks:
       raise ValueError(f"MMFS: image_mask must be [batch, images] = {valid_masks[0]} or "
                        f"[batch, queries, images] = {valid_masks[1]}, got {image_mask.shape}")
+    if slot_mask is not None and tuple(slot_mask.shape) != (batch, num_images):
+      raise ValueError(f"MMFS: slot_mask must be [batch, images] = {(batch, num_images)}, got "
+                       f"{slot_mask.shape}")
 
 
 def _per_image(query_part: jax.Array, table_part: jax.Array, positions: jax.Array) -> jax.Array:

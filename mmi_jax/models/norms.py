@@ -4,6 +4,9 @@
 two-pass (`E[(x - mean)^2]`, as torch does, not `E[x^2] - mean^2`), and the scale and bias
 carry a logical axis name for sharding. Param names stay Flax's (`scale`, `bias`); conversion
 maps `scale` to torch's `weight`.
+
+`RMSNorm` is Hugging Face's `LlamaRMSNorm` (float32 statistics, weight applied in the input's
+dtype).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 
@@ -31,3 +35,33 @@ def LayerNorm(*, epsilon: float, axis_name: str | None, dtype: Any = None,  # no
       scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axis_name,)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name,)),
       name=name)
+
+
+class RMSNorm(nn.Module):
+  """Hugging Face's `LlamaRMSNorm`: `weight * (x / sqrt(mean(x^2) + eps))`.
+
+  The statistics and the normalization are computed in float32; the result is cast back to
+  the input's dtype before the weight multiplies it, as Hugging Face does.
+
+  Attributes:
+    epsilon: `rms_norm_eps`.
+    axis_name: logical axis name of the normalized (last) dim.
+    dtype: output dtype; None: the input's.
+    param_dtype: storage dtype of the weight (`scale`, torch's `weight`).
+  """
+
+  epsilon: float = 1e-6
+  axis_name: str | None = "embed"
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                             (self.axis_name,)),
+                       (x.shape[-1],), self.param_dtype)
+    dtype = self.dtype or x.dtype
+    x32 = x.astype(jnp.float32)
+    normalized = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+                                     + self.epsilon)
+    return scale.astype(dtype) * normalized.astype(x.dtype).astype(dtype)
