@@ -119,3 +119,21 @@ def test_unsupported_rope_fails_clearly(tmp_path):
   model.save_pretrained(tmp_path)
   with pytest.raises((NotImplementedError, ValueError), match="dynamic"):
     load_llama(tmp_path)
+
+
+def test_remat_and_the_plain_attention_fallback_leave_values_and_gradients_unchanged(tmp_path):
+  model = _hf_llama(2)
+  model.save_pretrained(tmp_path)
+  module, params = load_llama(tmp_path)
+  variant = module.clone(remat_policy="nothing_saveable", attention_implementation="xla")
+  ids, mask = _batch()
+
+  def loss(module, params):
+    logits = module.apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 0] * mask)
+
+  value, grads = jax.jit(jax.value_and_grad(lambda p: loss(module, p)))(params)
+  value_remat, grads_remat = jax.jit(jax.value_and_grad(lambda p: loss(variant, p)))(params)
+  np.testing.assert_allclose(value_remat, value, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_remat), jax.tree.leaves(grads)):
+    _assert_close(a, b, 1e-5)

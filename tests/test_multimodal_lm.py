@@ -17,7 +17,7 @@ from flax import traverse_util
 from configs import mmi_13b, tiny
 from mmi_jax import sharding
 from mmi_jax.convert.torch_names import to_torch_layout, torch_name
-from mmi_jax.decoding import decode_step, greedy_decode, prefill
+from mmi_jax.decoding import decode_step, greedy_decode
 from mmi_jax.models import multimodal_inputs as mm_inputs
 from mmi_jax.models.multimodal_lm import MultimodalLM
 from mmi_jax.models.text_head import TextHead, head_from_lm_head

@@ -294,7 +294,7 @@ class MMFSCrossAttention(nn.Module):
 
   `project_values(features [B, N, S, value_dim])` normalizes and projects the image features
   once (`[B, N, S, heads, head_dim]`); `__call__(hidden [B, L, D], projected, image_mask
-  [B, L, N], slot_mask [B, N])` returns the residual `[B, L, D]` (without adding it).
+  [B, L, N])` returns the residual `[B, L, D]` (without adding it).
   """
 
   config: LlamaConfig
@@ -320,20 +320,19 @@ class MMFSCrossAttention(nn.Module):
   def project_values(self, image_features: jax.Array) -> jax.Array:
     return self.attn.project_values(self.norm2(image_features))
 
-  def __call__(self, hidden_states, projected_values, image_mask, slot_mask=None):
+  def __call__(self, hidden_states, projected_values, image_mask):
     batch, length, _ = hidden_states.shape
     reference = jnp.broadcast_to(jnp.asarray(self.config.mmfs.reference_point, jnp.float32),
                                  (1, length, 2))
     attended = self.attn.attend(self.norm1(hidden_states), reference, projected_values,
-                                image_mask, slot_mask)
+                                image_mask)
     return attended * jnp.tanh(self.gate.astype(attended.dtype))
 
 
 class LlamaDecoderLayer(nn.Module):
   """Hugging Face's `LlamaDecoderLayer`, with the release's MMFS residual where configured.
 
-  `__call__(hidden, cos, sin, mask, layer_cache, cache_index, projected_values, image_mask,
-  slot_mask)` -> `(hidden, (keys, values))`. The MMFS arguments are ignored (and may be None)
+  `__call__(hidden, cos, sin, mask, layer_cache, cache_index, projected_values, image_mask)` -> `(hidden, (keys, values))`. The MMFS arguments are ignored (and may be None)
   in layers without the synchronizer; in layers with it, `projected_values` None skips it.
   """
 
@@ -359,13 +358,13 @@ class LlamaDecoderLayer(nn.Module):
     return self.llama_cross_attn.project_values(image_features)
 
   def __call__(self, hidden_states, cos, sin, mask, layer_cache=None, cache_index=None,
-               projected_values=None, image_mask=None, slot_mask=None):
+               projected_values=None, image_mask=None):
     attended, new_cache = self.self_attn(self.input_layernorm(hidden_states), cos, sin, mask,
                                          layer_cache, cache_index)
     hidden_states = hidden_states + attended
     if self.config.has_mmfs(self.layer_index) and projected_values is not None:
       hidden_states = hidden_states + self.llama_cross_attn(
-          hidden_states, projected_values, image_mask, slot_mask).astype(hidden_states.dtype)
+          hidden_states, projected_values, image_mask).astype(hidden_states.dtype)
     hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
     hidden_states = sharding.constrain(hidden_states, ("activation_batch", "activation_length",
                                                        "activation_embed"))
@@ -435,7 +434,7 @@ class LlamaModel(nn.Module):
   def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
                positions: jax.Array | None = None, *, image_features: jax.Array | None = None,
                projected_values: tuple[jax.Array, ...] | None = None,
-               image_mask: jax.Array | None = None, slot_mask: jax.Array | None = None,
+               image_mask: jax.Array | None = None,
                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder on a chunk of `L` tokens.
 
@@ -448,7 +447,6 @@ class LlamaModel(nn.Module):
         (or `projected_values` from `project_image_features`); None in both: MMFS layers are
         skipped, as the release does without images.
       image_mask: `[B, L, N]`, which images each token may see.
-      slot_mask: `[B, N]`, which slots hold an image (see `MMFS.attend`).
       cache: None, or a `KVCache` to write this chunk into and attend through.
     Returns:
       `(hidden_states [B, L, D], updated cache or None)`.
@@ -485,7 +483,7 @@ class LlamaModel(nn.Module):
         layer_values = projected_values[mmfs_index[index]]
       hidden_states, (keys, values) = layer(
           hidden_states, cos, sin, mask, layer_cache, None if cache is None else cache.length,
-          layer_values, image_mask, slot_mask)
+          layer_values, image_mask)
       new_keys.append(keys)
       new_values.append(values)
     hidden_states = self.norm(hidden_states)

@@ -174,7 +174,7 @@ class MMFS(nn.Module):
                              bias_init=nn.initializers.zeros)
 
   def __call__(self, query: jax.Array, reference_points: jax.Array, values: jax.Array,
-               image_mask: jax.Array, slot_mask: jax.Array | None = None) -> jax.Array:
+               image_mask: jax.Array) -> jax.Array:
     """Samples every visible image's multi-scale features for each query.
 
     Args:
@@ -183,9 +183,6 @@ class MMFS(nn.Module):
       values: `[B, N, S, Dv]`, each image's K maps flattened (`S = sum_k scale_k ** 2`).
       image_mask: `[B, N]` (all queries alike) or `[B, Lq, N]` (per query); nonzero/True
         where the image is visible.
-      slot_mask: optional `[B, N]`, True for the image slots that hold an image (see
-        `attend`); None: all N slots count, as the original, whose N is the batch's largest
-        image count.
 
     Returns:
       `[B, Lq, output_dim]`.
@@ -193,8 +190,7 @@ class MMFS(nn.Module):
     if values.ndim != 4:
       raise ValueError(f"MMFS: values must be [batch, images, positions, dim], got shape "
                        f"{values.shape}")
-    return self.attend(query, reference_points, self.project_values(values), image_mask,
-                       slot_mask)
+    return self.attend(query, reference_points, self.project_values(values), image_mask)
 
   def project_values(self, values: jax.Array) -> jax.Array:
     """`value_proj` of every image's features, split into heads.
@@ -212,22 +208,16 @@ class MMFS(nn.Module):
     return sharding.constrain(value, ("activation_batch", None, None, "activation_heads", None))
 
   def attend(self, query: jax.Array, reference_points: jax.Array, projected_values: jax.Array,
-             image_mask: jax.Array, slot_mask: jax.Array | None = None) -> jax.Array:
+             image_mask: jax.Array) -> jax.Array:
     """MMFS on values already passed through `project_values`.
 
     Args:
       query, reference_points, image_mask: as in `__call__`.
       projected_values: `[B, N, S, H, head_dim]` from `project_values`.
-      slot_mask: optional `[B, N]`. Slots outside it are left out of the softmax entirely
-        (their ignore slots too), and the ignore logit becomes `-log(N_b * K)` with `N_b` the
-        row's number of slots in the mask (at least 1): each row then computes what the
-        original computes for a batch made of that row alone, however many padding slots a
-        static shape adds. The slots in the mask must come first.
     Returns:
       `[B, Lq, output_dim]`.
     """
-    self._check_inputs(query, reference_points, projected_values.shape[:3], image_mask,
-                       slot_mask)
+    self._check_inputs(query, reference_points, projected_values.shape[:3], image_mask)
     batch, queries, _ = query.shape
     num_images, positions = projected_values.shape[1:3]
     heads, points, scales = self.num_heads, self.num_points, len(self.scale_sizes)
@@ -260,14 +250,9 @@ class MMFS(nn.Module):
     logits = logits.astype(jnp.float32).transpose(0, 1, 3, 2, 4, 5)  # [B, Lq, H, N, K, P+1]
     mask_logits = (1.0 - (image_mask != 0).astype(jnp.float32)) * MASKED_LOGIT  # [B, 1|Lq, N]
     logits = logits + mask_logits[:, :, None, :, None, None]
-    if slot_mask is None:
-      logits = logits.at[..., points].set(-math.log(levels))
-    else:
-      slots = (slot_mask != 0)
-      slot_count = jnp.maximum(jnp.sum(slots, axis=-1), 1).astype(jnp.float32)  # [B]
-      ignore_logit = -jnp.log(slot_count * scales)
-      logits = logits.at[..., points].set(ignore_logit[:, None, None, None, None])
-      logits = jnp.where(slots[:, None, None, :, None, None], logits, -jnp.inf)
+    # The N * K ignore slots hold exp(-log(N * K)) each, total mass 1 whatever N is: padding
+    # image slots (masked) change nothing.
+    logits = logits.at[..., points].set(-math.log(levels))
     weights = jax.nn.softmax(logits.reshape(batch, queries, heads, -1), axis=-1)
     weights = weights.reshape(batch, queries, heads, levels, points + 1)
 
@@ -285,7 +270,7 @@ class MMFS(nn.Module):
     return sharding.constrain(output, ("activation_batch", "activation_length",
                                        "activation_embed"))
 
-  def _check_inputs(self, query, reference_points, values_shape, image_mask, slot_mask) -> None:
+  def _check_inputs(self, query, reference_points, values_shape, image_mask) -> None:
     if self.attention_dim % self.num_heads:
       raise ValueError(f"MMFS: attention_dim {self.attention_dim} is not divisible by "
                        f"num_heads {self.num_heads}")
@@ -314,9 +299,6 @@ class MMFS(nn.Module):
     if tuple(image_mask.shape) not in valid_masks:
       raise ValueError(f"MMFS: image_mask must be [batch, images] = {valid_masks[0]} or "
                        f"[batch, queries, images] = {valid_masks[1]}, got {image_mask.shape}")
-    if slot_mask is not None and tuple(slot_mask.shape) != (batch, num_images):
-      raise ValueError(f"MMFS: slot_mask must be [batch, images] = {(batch, num_images)}, got "
-                       f"{slot_mask.shape}")
 
 
 def _per_image(query_part: jax.Array, table_part: jax.Array, positions: jax.Array) -> jax.Array:

@@ -19,9 +19,10 @@ RoPE positions count real tokens (`cumsum(attention_mask) - 1`), so padding on e
 changes nothing for the other tokens. For unpadded and right-padded rows this is the
 release's `0 .. L-1`.
 
-Each row's MMFS softmax counts the image slots that row fills (`slot_mask`), which is what the
-release computes for a batch holding that row alone; the release instead uses the largest
-image count of its (per-GPU) batch for every row. Static padding slots never change a result.
+Images live in a static number of per-sequence slots; `slot_mask` says which hold an image, and
+a slot without one is never visible. Padding slots change no result (see `MMFS.attend`'s
+ignore slots), so a batch padded to any slot count computes what the release computes with its
+per-batch image count.
 """
 
 from __future__ import annotations
@@ -137,10 +138,8 @@ class MultimodalLM(nn.Module):
                 image_features: jax.Array | None = None) -> DecodeState:
     """Puts an image (e.g. one just generated) into slot `slot` of every row of `state`.
 
-    Tokens already in the cache keep what they computed. That equals recomputing them with
-    the image present when the slot was already in `slot_mask` (a placeholder, as the
-    release's interleaved inference appends one before drawing the image): those tokens
-    cannot see the image, and the slot count of the MMFS softmax is unchanged.
+    Tokens already in the cache keep what they computed, which equals recomputing them with
+    the image present: they cannot see an image whose soi comes after them.
 
     Args:
       image_embeds: `[B, T, D]`, what the slot's `<|image|>` tokens will take.
@@ -214,7 +213,7 @@ class MultimodalLM(nn.Module):
                                               documents_after.image_starts, slot_mask)
     hidden_states, kv = self.mm_decoder(
         embeds, attention_mask, positions, projected_values=projected_values,
-        image_mask=image_mask, slot_mask=slot_mask, cache=None if state is None else state.kv)
+        image_mask=image_mask, cache=None if state is None else state.kv)
     logits = self.text_decoder(hidden_states)
     new_state = None
     if state is not None:
