@@ -16,7 +16,6 @@ run on the same machine:
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import sys
@@ -30,16 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmi_jax.convert.hf import load_llama  # noqa: E402
 from mmi_jax.models.llama import KVCache  # noqa: E402
-
-
-def _median_seconds(fn, repeats):
-  fn()  # warm-up (and compilation)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+from timing import median_seconds  # noqa: E402
 
 
 def _torch_model(args, directory):
@@ -76,7 +66,7 @@ def _bench_torch(model, ids, steps, repeats):
         cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
       return time.perf_counter() - start
 
-  prefill = _median_seconds(run_prefill, repeats)
+  prefill = median_seconds(run_prefill, repeats)
   run_decode()
   decode = statistics.median(run_decode() for _ in range(repeats))
   return prefill, decode
@@ -93,21 +83,21 @@ def _bench_jax(module, params, ids, steps, repeats):
     logits, cache = module.apply({"params": params}, ids, None, None, cache)
     return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
 
-  @functools.partial(jax.jit, donate_argnums=(2,))
-  def step(params, token, cache):
+  def greedy_step(params, token, cache):
     logits, cache = module.apply({"params": params}, token[:, None], None, None, cache)
     return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
+
+  step = jax.jit(greedy_step, donate_argnums=(2,))
 
   @jax.jit
   def scanned(params, token, cache):
     def body(carry, _):
-      token, cache = carry
-      token, cache = step.__wrapped__(params, token, cache)
+      token, cache = greedy_step(params, *carry)
       return (token, cache), token
     return jax.lax.scan(body, (token, cache), None, length=steps)[1]
 
   ids = jnp.asarray(ids)
-  prefill_s = _median_seconds(lambda: jax.block_until_ready(prefill(params, ids)), repeats)
+  prefill_s = median_seconds(lambda: jax.block_until_ready(prefill(params, ids)), repeats)
 
   def run_loop():
     token, cache = prefill(params, ids)

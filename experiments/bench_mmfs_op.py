@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -28,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests"))
 from mmi_jax.ops import deformable_sample  # noqa: E402
+from timing import median_seconds  # noqa: E402
 from mmi_jax.ops.deformable_sampling import (DEFAULT_GATHER_BUDGET,  # noqa: E402
                                              minimum_bytes_moved)
 
@@ -50,13 +50,7 @@ def _inputs(batch, queries, heads, head_dim, points, images, seed=0):
 
 
 def _time(fn, repeats):
-  fn()  # warm-up (and compilation)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times) * 1e3
+  return 1e3 * median_seconds(fn, repeats)
 
 
 def bench_jax(spatial_shapes, value, locations, weights, output_grad, dtype, repeats, budget):

@@ -165,8 +165,8 @@ def test_bfloat16_inputs_give_bfloat16_outputs_within_bf16_tolerance():
 
 def test_initialisation_follows_the_original():
   scale_sizes = (4, 2, 1)
-  module = MMFS(query_dim=40, attention_dim=64, output_dim=48, scale_sizes=scale_sizes, base_spatial_shape=2,
-                offset_init_magnitude=3.0, max_images=50)
+  module = MMFS(query_dim=40, attention_dim=64, output_dim=48, scale_sizes=scale_sizes,
+                base_spatial_shape=2, offset_init_magnitude=3.0, max_images=50)
   query, reference, values = _inputs(9, 1, 2, 1, scale_sizes)
   params = nn.meta.unbox(module.init(jax.random.key(3), np.ones((1, 2, 40), np.float32),
                                      reference, np.ones((1, 1, 21, 32), np.float32),

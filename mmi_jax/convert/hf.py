@@ -219,10 +219,10 @@ def rope_settings(hf_config: Any) -> tuple[float, float]:
                             "and 'linear'; Vicuna and Llama 2 use 'default')")
 
 
-def llama_config(hf_config: Any, **overrides) -> LlamaConfig:
+def llama_config(hf_config: Any) -> LlamaConfig:
   """A `LlamaConfig` (without MMFS) from a `transformers.LlamaConfig`."""
   theta, factor = rope_settings(hf_config)
-  fields = dict(
+  return LlamaConfig(
       vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
       num_layers=hf_config.num_hidden_layers, num_heads=hf_config.num_attention_heads,
       num_kv_heads=getattr(hf_config, "num_key_value_heads", None)
@@ -234,8 +234,6 @@ def llama_config(hf_config: Any, **overrides) -> LlamaConfig:
       mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
       tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
       initializer_range=hf_config.initializer_range)
-  fields.update(overrides)
-  return LlamaConfig(**fields)
 
 
 def grow_vocabulary(table: np.ndarray, rows: int, rng: jax.Array, stddev: float) -> np.ndarray:

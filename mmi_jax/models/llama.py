@@ -183,7 +183,8 @@ class KVCache:
     return self.key_valid.shape[1]
 
 
-CACHE_AXES = ("activation_batch", None, "activation_heads", None)
+# Logical axes of per-head activations and cached keys/values [B, L, heads, head_dim].
+HEAD_AXES = ("activation_batch", None, "activation_heads", None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,6 +217,15 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # Layers.
 
 
+def _llama_linear(module: nn.Module, features: int, name: str, axes: tuple[str, str],
+                  use_bias: bool) -> Linear:
+  """A projection of `module` (attention or MLP) initialised as Hugging Face's Llama does."""
+  return Linear(features, kernel_axes=axes, use_bias=use_bias,
+                kernel_init=nn.initializers.normal(module.config.initializer_range),
+                bias_init=nn.initializers.zeros, dtype=module.dtype,
+                param_dtype=module.param_dtype, precision=module.precision, name=name)
+
+
 class LlamaAttention(nn.Module):
   """Hugging Face's `LlamaAttention`: RoPE, grouped KV heads, optional KV cache.
 
@@ -236,18 +246,15 @@ class LlamaAttention(nn.Module):
     config = self.config
     batch, length, _ = hidden_states.shape
     head_dim = config.attention_head_dim
-    dense = lambda features, name, axes: Linear(  # noqa: E731
-        features, kernel_axes=axes, use_bias=config.attention_bias,
-        kernel_init=nn.initializers.normal(config.initializer_range),
-        bias_init=nn.initializers.zeros, dtype=self.dtype, param_dtype=self.param_dtype,
-        precision=self.precision, name=name)
+    dense = lambda features, name, axes: _llama_linear(  # noqa: E731
+        self, features, name, axes, config.attention_bias)
     query = dense(config.num_heads * head_dim, "q_proj", ("embed", "heads"))(hidden_states)
     key = dense(config.num_kv_heads * head_dim, "k_proj", ("embed", "heads"))(hidden_states)
     value = dense(config.num_kv_heads * head_dim, "v_proj", ("embed", "heads"))(hidden_states)
     query = apply_rotary(query.reshape(batch, length, config.num_heads, head_dim), cos, sin)
     key = apply_rotary(key.reshape(batch, length, config.num_kv_heads, head_dim), cos, sin)
     value = value.reshape(batch, length, config.num_kv_heads, head_dim)
-    query = sharding.constrain(query, CACHE_AXES)
+    query = sharding.constrain(query, HEAD_AXES)
 
     if layer_cache is not None:
       cached_keys, cached_values = layer_cache
@@ -255,7 +262,7 @@ class LlamaAttention(nn.Module):
       key = jax.lax.dynamic_update_slice(cached_keys, key.astype(cached_keys.dtype), start)
       value = jax.lax.dynamic_update_slice(cached_values, value.astype(cached_values.dtype),
                                            start)
-    key, value = sharding.constrain(key, CACHE_AXES), sharding.constrain(value, CACHE_AXES)
+    key, value = sharding.constrain(key, HEAD_AXES), sharding.constrain(value, HEAD_AXES)
     dtype = query.dtype
     attended = jax.nn.dot_product_attention(query, key.astype(dtype), value.astype(dtype),
                                             mask=mask,
@@ -276,11 +283,8 @@ class LlamaMLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     config = self.config
-    dense = lambda features, name, axes: Linear(  # noqa: E731
-        features, kernel_axes=axes, use_bias=config.mlp_bias,
-        kernel_init=nn.initializers.normal(config.initializer_range),
-        bias_init=nn.initializers.zeros, dtype=self.dtype, param_dtype=self.param_dtype,
-        precision=self.precision, name=name)
+    dense = lambda features, name, axes: _llama_linear(  # noqa: E731
+        self, features, name, axes, config.mlp_bias)
     gate = dense(config.mlp_dim, "gate_proj", ("embed", "mlp"))(x)
     up = dense(config.mlp_dim, "up_proj", ("embed", "mlp"))(x)
     hidden = ACTIVATIONS[config.activation](gate) * up
@@ -332,8 +336,9 @@ class MMFSCrossAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
   """Hugging Face's `LlamaDecoderLayer`, with the release's MMFS residual where configured.
 
-  `__call__(hidden, cos, sin, mask, layer_cache, cache_index, projected_values, image_mask)` -> `(hidden, (keys, values))`. The MMFS arguments are ignored (and may be None)
-  in layers without the synchronizer; in layers with it, `projected_values` None skips it.
+  `__call__(hidden, cos, sin, mask, layer_cache, cache_index, projected_values, image_mask)`
+  -> `(hidden, (keys, values))`. The MMFS arguments are ignored (and may be None) in layers
+  without the synchronizer; in layers with it, `projected_values` None skips it.
   """
 
   config: LlamaConfig
@@ -432,7 +437,7 @@ class LlamaModel(nn.Module):
                  for i in self.config.mmfs_layers)
 
   def __call__(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
-               positions: jax.Array | None = None, *, image_features: jax.Array | None = None,
+               positions: jax.Array | None = None, *,
                projected_values: tuple[jax.Array, ...] | None = None,
                image_mask: jax.Array | None = None,
                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
@@ -443,9 +448,9 @@ class LlamaModel(nn.Module):
       attention_mask: `[B, L]`, 1 for real tokens, 0 for padding (keys never attended);
         None: all ones.
       positions: `[B, L]` RoPE positions; None: `cache.length + 0 .. L-1` for every row.
-      image_features: `[B, N, S, value_dim]` per-sequence image features for the MMFS layers
-        (or `projected_values` from `project_image_features`); None in both: MMFS layers are
-        skipped, as the release does without images.
+      projected_values: the per-sequence image features `[B, N, S, value_dim]` passed through
+        `project_image_features`; None: MMFS layers are skipped, as the release does without
+        images.
       image_mask: `[B, L, N]`, which images each token may see.
       cache: None, or a `KVCache` to write this chunk into and attend through.
     Returns:
@@ -458,10 +463,6 @@ class LlamaModel(nn.Module):
     if positions is None:
       start = 0 if cache is None else cache.length
       positions = jnp.broadcast_to(start + jnp.arange(length), (batch, length))
-    if image_features is not None:
-      if projected_values is not None:
-        raise ValueError("LlamaModel: pass image_features or projected_values, not both")
-      projected_values = self.project_image_features(image_features)
     if projected_values is not None:
       if image_mask is None:
         raise ValueError("LlamaModel: image features need an image_mask [B, L, N]")
