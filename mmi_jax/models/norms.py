@@ -5,6 +5,9 @@ two-pass (`E[(x - mean)^2]`, as torch does, not `E[x^2] - mean^2`), and the scal
 carry a logical axis name for sharding. Param names stay Flax's (`scale`, `bias`); conversion
 maps `scale` to torch's `weight`.
 
+`GroupNorm` is `torch.nn.GroupNorm` on channels-last maps (two-pass variance, float32
+statistics); Flax groups contiguous channels exactly as torch does.
+
 `RMSNorm` is Hugging Face's `LlamaRMSNorm` (float32 statistics, weight applied in the input's
 dtype).
 """
@@ -32,6 +35,25 @@ def LayerNorm(*, epsilon: float, axis_name: str | None, dtype: Any = None,  # no
   """
   return nn.LayerNorm(
       epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axis_name,)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name,)),
+      name=name)
+
+
+def GroupNorm(*, num_groups: int, epsilon: float, axis_name: str | None = "embed",  # noqa: N802
+              dtype: Any = None, param_dtype: Any = jnp.float32,
+              name: str | None = None) -> nn.GroupNorm:
+  """`torch.nn.GroupNorm(num_groups, channels, eps)` over `[B, ..., C]` (channels last).
+
+  Args:
+    num_groups: torch's `num_groups`; must divide the channel count.
+    epsilon: torch's `eps` (Stable Diffusion uses 1e-5 in the UNet's resnets, 1e-6 elsewhere).
+    axis_name: logical axis name of the channel dim.
+    dtype, param_dtype, name: as `LayerNorm`.
+  """
+  return nn.GroupNorm(
+      num_groups=num_groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+      use_fast_variance=False,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axis_name,)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name,)),
       name=name)
