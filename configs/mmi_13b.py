@@ -174,6 +174,9 @@ def get_config() -> ml_collections.ConfigDict:
           num_heads=16,
           num_points=8,
           scale_sizes=(64, 32, 16, 8),
+          # code: MMFSNet builds every block's MMFS with these, whatever the image size, so
+          # offsets scale by offset_scale_sizes / base_spatial_shape.
+          offset_scale_sizes=(64, 32, 16, 8),
           base_spatial_shapes=(64, 64, 64, 32, 32, 32, 16, 16, 16, 8, 8, 8),
           mid_base_spatial_shape=8,
           offset_init_magnitude=1.0,

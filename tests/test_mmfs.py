@@ -2,7 +2,6 @@
 
 import functools
 import json
-import pathlib
 
 import flax.linen as nn
 import jax
@@ -14,9 +13,9 @@ import torch
 from configs import mmi_13b
 from mmi_jax import sharding
 from mmi_jax.models.mmfs import MMFS, relative_image_positions
+from release_shapes import SHAPES_13B, release_shapes_of
 from torch_references import mmfs_reference
 
-SHAPES_13B = pathlib.Path(__file__).resolve().parents[2] / "shared" / "shapes_13b.json"
 HEADS, POINTS = 16, 8
 QUERY_DIM, VALUE_DIM, ATTENTION_DIM, OUTPUT_DIM = 24, 20, 32, 28
 
@@ -215,27 +214,11 @@ def test_too_many_images_and_bad_masks_raise_clear_errors():
 
 
 def _release_shapes(prefix):
+  """The release's `{key after prefix: shape}` of one module."""
   if not SHAPES_13B.exists():
     pytest.skip(f"{SHAPES_13B} is not present")
-  state_dict = json.loads(SHAPES_13B.read_text())["state_dict"]
-  return {k[len(prefix):]: tuple(v["shape"]) for k, v in state_dict.items()
-          if k.startswith(prefix)}
-
-
-def _as_release_shapes(abstract):
-  """Flax param shapes in the release's PyTorch layout (Linear weight = kernel.T)."""
-  shapes = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract))[0]:
-    names = [p.key for p in path]
-    shape = tuple(leaf.shape)
-    if names[-1] == "kernel":
-      names[-1], shape = "weight", shape[::-1]
-    elif names == ["query_relpos"]:
-      names = ["query_relpos", "weight"]
-    elif names == ["ignore_token"]:
-      shape = (1, 1, 1) + shape
-    shapes[".".join(names)] = shape
-  return shapes
+  state = json.loads(SHAPES_13B.read_text())["state_dict"]
+  return {k[len(prefix):]: tuple(v["shape"]) for k, v in state.items() if k.startswith(prefix)}
 
 
 def test_llm_mmfs_of_the_13b_config_has_the_release_shapes():
@@ -248,7 +231,7 @@ def test_llm_mmfs_of_the_13b_config_has_the_release_shapes():
       jax.ShapeDtypeStruct((1, 4, 2), jnp.float32),
       jax.ShapeDtypeStruct((1, 2, positions, config.vision_encoder.hidden_size), jnp.float32),
       jax.ShapeDtypeStruct((1, 2), jnp.float32))
-  shapes = _as_release_shapes(abstract)
+  shapes = release_shapes_of(abstract)
   assert shapes["sampling_offsets.weight"] == (256, 5120)
   assert shapes["attention_weights.weight"] == (432, 5120)
   assert shapes["value_proj.weight"] == (1024, 1024)
@@ -257,22 +240,3 @@ def test_llm_mmfs_of_the_13b_config_has_the_release_shapes():
   assert shapes["query_relpos.weight"] == (50, 5120)
   for layer in range(0, config.llm.num_layers, config.llm.mmfs.layer_frequency):
     assert shapes == _release_shapes(f"mm_decoder.layers.{layer}.llama_cross_attn.attn.")
-
-
-def test_image_decoder_mmfs_of_the_13b_config_has_the_release_shapes():
-  config = mmi_13b.get_config().model
-  mmfs_config = config.image_decoder.mmfs
-  blocks = [f"mmfs_down_blocks.{i}" for i in range(len(mmfs_config.base_spatial_shapes))]
-  bases = list(mmfs_config.base_spatial_shapes) + [mmfs_config.mid_base_spatial_shape]
-  for block, base in zip(blocks + ["mmfs_mid_block"], bases):
-    release = _release_shapes(f"image_decoder.decoder.mmfs_module.{block}.mmfs.")
-    channels = release["output_proj.weight"][0]  # the UNet width at this block
-    module = MMFS.from_config(mmfs_config, attention_dim=mmfs_config.attention_dim,
-                              output_dim=channels, base_spatial_shape=base)
-    positions = sum(s * s for s in mmfs_config.scale_sizes)
-    abstract = sharding.abstract_params(
-        module, jax.ShapeDtypeStruct((1, 4, channels), jnp.float32),
-        jax.ShapeDtypeStruct((1, 4, 2), jnp.float32),
-        jax.ShapeDtypeStruct((1, 1, positions, config.vision_encoder.hidden_size), jnp.float32),
-        jax.ShapeDtypeStruct((1, 1), jnp.float32))
-    assert _as_release_shapes(abstract) == release, block

@@ -2,7 +2,6 @@
 the release's shapes, and sharding."""
 
 import functools
-import json
 import math
 
 import flax.linen as nn
@@ -21,7 +20,7 @@ from mmi_jax.decoding import decode_step, greedy_decode
 from mmi_jax.models import multimodal_inputs as mm_inputs
 from mmi_jax.models.multimodal_lm import MultimodalLM
 from mmi_jax.models.text_head import TextHead, head_from_lm_head
-from test_mmfs import SHAPES_13B
+from release_shapes import SHAPES_13B, release_shapes_of, release_state_dict
 from torch_references import mmfs_reference
 
 CONFIG = tiny.get_config().model
@@ -335,15 +334,6 @@ def test_text_head_initialises_as_the_release():
   assert not np.any(initial["kernel"][:, 8:]) and list(initial["bias"][8:]) == [-100, -100]
 
 
-def _release_name_and_shape(path, shape):
-  """The release's key and shape for a Flax param (the two MMFS names outside the rule)."""
-  if path[-1] == "query_relpos":
-    return torch_name(path) + ".weight", shape
-  if path[-1] == "ignore_token":
-    return torch_name(path), (1, 1, 1) + shape
-  return torch_name(path), tuple(to_torch_layout(path, np.empty(shape, np.int8)).shape)
-
-
 @pytest.mark.skipif(not SHAPES_13B.exists(), reason="shared/shapes_13b.json is not present")
 def test_13b_config_has_exactly_the_release_shapes():
   config = mmi_13b.get_config().model
@@ -354,12 +344,9 @@ def test_13b_config_has_exactly_the_release_shapes():
       jax.ShapeDtypeStruct((1, 2, config.tokens.tokens_per_image, config.llm.hidden_size),
                            jnp.float32),
       jax.ShapeDtypeStruct((1, 2, positions, config.vision_encoder.hidden_size), jnp.float32)))
-  ours = dict(_release_name_and_shape(path, tuple(leaf.shape))
-              for path, leaf in traverse_util.flatten_dict(abstract).items())
-  state = json.loads(SHAPES_13B.read_text())["state_dict"]
-  release = {k: tuple(v["shape"]) for k, v in state.items()
-             if k.split(".")[0] in ("mm_decoder", "text_decoder", "soi_token")
-             and v["kind"] == "parameter"}
+  ours = release_shapes_of(abstract)
+  release = {key: tuple(entry["shape"]) for key, entry in release_state_dict(
+      ("mm_decoder", "text_decoder", "soi_token")).items()}
   assert ours == release
   total = sum(math.prod(s) for s in ours.values())
   assert total == 13_215_069_930 + 163_892_484 + 5_120  # SPEC 12: mm_decoder, head, soi

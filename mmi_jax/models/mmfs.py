@@ -88,7 +88,10 @@ class MMFS(nn.Module):
     output_dim: width of the output (`d_out`).
     scale_sizes: side length of each scale's square feature map, e.g. `(32, 16, 8)`; every
       image provides these K maps, flattened and concatenated in this order.
-    base_spatial_shape: offsets on scale k are multiplied by `scale_sizes[k] / base`.
+    base_spatial_shape: offsets on scale k are multiplied by `offset_scale_sizes[k] / base`.
+    offset_scale_sizes: the `spatial_shapes` the original builds the module with, which set
+      those ratios; None: `scale_sizes`. They differ only where the original hard-codes them
+      (the UNet's MMFS net always passes 64/32/16/8, whatever the feature maps' sizes).
     num_heads, num_points: H and P.
     offset_init_magnitude: `sampling_offsets.bias` starts as U(+-magnitude).
     max_images: rows of the relative-position table (`max_num_image_per_seq`); calls must
@@ -121,6 +124,7 @@ class MMFS(nn.Module):
   precision: Any = None
   gather_budget: int = DEFAULT_GATHER_BUDGET
   query_dim: int | None = None
+  offset_scale_sizes: Sequence[int] | None = None
 
   @classmethod
   def from_config(cls, mmfs_config, *, attention_dim: int, output_dim: int,
@@ -238,8 +242,10 @@ class MMFS(nn.Module):
 
     # Sampling locations [B, Lq, H, N * K, P, 2]: one offset per image, scaled per scale.
     sizes = np.asarray(self.scale_sizes, np.float32)
+    ratios = np.asarray(self.offset_scale_sizes or self.scale_sizes,
+                        np.float32) / self.base_spatial_shape
     offsets = offsets.reshape(batch, queries, num_images, heads, 1, points, 2)
-    offsets = offsets.astype(jnp.float32) * (sizes / self.base_spatial_shape)[:, None, None]
+    offsets = offsets.astype(jnp.float32) * ratios[:, None, None]
     offsets = offsets / sizes[:, None, None]  # (W_k, H_k) of square maps
     offsets = offsets.transpose(0, 1, 3, 2, 4, 5, 6).reshape(batch, queries, heads, levels,
                                                              points, 2)
@@ -271,6 +277,10 @@ class MMFS(nn.Module):
                                        "activation_embed"))
 
   def _check_inputs(self, query, reference_points, values_shape, image_mask) -> None:
+    if self.offset_scale_sizes is not None and (
+        len(self.offset_scale_sizes) != len(self.scale_sizes)):
+      raise ValueError(f"MMFS: offset_scale_sizes {tuple(self.offset_scale_sizes)} must have "
+                       f"one entry per scale of {tuple(self.scale_sizes)}")
     if self.attention_dim % self.num_heads:
       raise ValueError(f"MMFS: attention_dim {self.attention_dim} is not divisible by "
                        f"num_heads {self.num_heads}")
