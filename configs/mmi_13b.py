@@ -166,6 +166,10 @@ def get_config() -> ml_collections.ConfigDict:
           beta_start=0.00085,
           beta_end=0.012,
           prediction_type="epsilon",
+          # SD-2.1-base's scheduler_config.json: sampling timesteps start one step later, and
+          # DDIM's last step goes to alphas_cumprod[0].
+          steps_offset=1,
+          set_alpha_to_one=False,
       ),
       # SPEC 7: MMFSNet, a block on each UNet down residual (conv_in, every resnet and
       # downsample output) and one on the mid block, sampling the previous image's maps.
