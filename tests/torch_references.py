@@ -38,14 +38,16 @@ def multi_scale_grid_sample(value, spatial_shapes, sampling_locations, attention
 
 
 def mmfs_reference(params, query, reference_points, values, image_mask, *, num_heads,
-                   num_points, scale_sizes, base_spatial_shape):
+                   num_points, scale_sizes, base_spatial_shape, offset_scale_sizes=None):
   """SPEC section 6, step by step, the naive way (q' is built for every image).
 
   params: torch tensors in PyTorch layout (Linear weight `[out, in]`): value_proj,
   dynamic_offset_mask, sampling_offsets, attention_weights, output_proj (each `.weight` and
   `.bias`), `query_relpos.weight [max_images, Dq]`, `ignore_token [attention_dim]`.
   query `[B, Lq, Dq]`, reference_points `[B|1, Lq, 2]`, values `[B, N, S, Dv]`, image_mask
-  `[B, N]` or `[B, Lq, N]` (1 = visible). Returns `[B, Lq, d_out]`.
+  `[B, N]` or `[B, Lq, N]` (1 = visible). Returns `[B, Lq, d_out]`. Offsets on scale k are
+  multiplied by `offset_scale_sizes[k] / base_spatial_shape` (the sizes the original module is
+  built with; default `scale_sizes`).
   """
   linear = lambda x, name: F.linear(x, params[name + ".weight"], params[name + ".bias"])  # noqa
   batch, queries, _ = query.shape
@@ -70,9 +72,10 @@ def mmfs_reference(params, query, reference_points, values, image_mask, *, num_h
   offsets = linear(q_prime, "sampling_offsets").view(batch, num_images, queries, heads, points, 2)
   locations = torch.empty(batch, queries, heads, num_images, scales, points, 2,
                           dtype=query.dtype)
+  ratio_sizes = offset_scale_sizes or scale_sizes
   for n in range(num_images):
     for k, size in enumerate(scale_sizes):
-      scaled = offsets[:, n] * (size / base_spatial_shape)  # [B, Lq, H, P, 2]
+      scaled = offsets[:, n] * (ratio_sizes[k] / base_spatial_shape)  # [B, Lq, H, P, 2]
       locations[:, :, :, n, k] = (reference_points[:, :, None, None, :]
                                   + scaled / torch.tensor([size, size], dtype=query.dtype))
   locations = locations.reshape(batch, queries, heads, num_images * scales, points, 2)
@@ -92,6 +95,52 @@ def mmfs_reference(params, query, reference_points, values, image_mask, *, num_h
   ignored = (weights[..., points:] * ignore_token[None, None, :, None, :]).sum(-2)
   # 7. output projection.
   return linear(sampled + ignored.reshape(batch, queries, attention_dim), "output_proj")
+
+
+def sincos_2d_table(dim, grid_size):
+  """MAE's 2-D sin-cos table `[grid_size ** 2, dim]`: the first half encodes the row, the
+  second the column, each as `[sin(p w_k), cos(p w_k)]`, `w_k = 10000 ** (-2k / (dim / 2))`."""
+  def one_d(positions, width):
+    omega = 1.0 / 10000 ** (torch.arange(width // 2, dtype=torch.float64) / (width / 2))
+    angles = positions.double()[:, None] * omega[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+  rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+  table = torch.cat([one_d(rows.reshape(-1), dim // 2), one_d(cols.reshape(-1), dim // 2)], 1)
+  return table.float()
+
+
+def mmfs_block_reference(params, sample, features, image_mask, *, eps, num_heads, num_points,
+                         scale_sizes, offset_scale_sizes, base_spatial_shape):
+  """The release's `MMFSBlock` (SPEC 7) written from its description, NCHW like the original.
+
+  params: torch tensors: `query_norm.{weight,bias}`, `feat_norm.{weight,bias}`, `pos_embed
+  [G * G, C]`, `conv.{weight [C, C, 1, 1], bias}` and the MMFS params under `mmfs.`.
+  sample `[B, C, H, W]` (square), features `[B, N, S, Dv]`, image_mask `[B, N]`.
+  Returns the residual `[B, C, H, W]`.
+  """
+  batch, channels, height, width = sample.shape
+  query = sample.flatten(2).transpose(1, 2)  # [B, H*W, C], row-major
+  query = F.layer_norm(query, (channels,), params["query_norm.weight"],
+                       params["query_norm.bias"], eps)
+  table = params["pos_embed"]
+  grid = int(round(math.sqrt(table.shape[0])))
+  if grid != height:
+    table = F.interpolate(table.reshape(1, grid, grid, channels).permute(0, 3, 1, 2),
+                          size=(height, width), mode="bicubic", align_corners=False)
+    table = table.permute(0, 2, 3, 1).reshape(height * width, channels)
+  query = query + table
+  values = F.layer_norm(features, (features.shape[-1],), params["feat_norm.weight"],
+                        params["feat_norm.bias"], eps)
+  ys, xs = torch.meshgrid((torch.arange(height) + 0.5) / height,
+                          (torch.arange(width) + 0.5) / width, indexing="ij")
+  reference_points = torch.stack([xs.reshape(-1), ys.reshape(-1)], -1)[None].float()
+  mmfs_params = {k[len("mmfs."):]: v for k, v in params.items() if k.startswith("mmfs.")}
+  attended = mmfs_reference(mmfs_params, query, reference_points, values, image_mask,
+                            num_heads=num_heads, num_points=num_points, scale_sizes=scale_sizes,
+                            base_spatial_shape=base_spatial_shape,
+                            offset_scale_sizes=offset_scale_sizes)
+  attended = attended.transpose(1, 2).reshape(batch, channels, height, width)
+  return F.conv2d(attended, params["conv.weight"], params["conv.bias"])
 
 
 def to_torch(x, dtype=torch.float32):

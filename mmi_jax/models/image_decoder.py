@@ -148,7 +148,7 @@ class StableDiffusion(nn.Module):
     """
     hidden, skips, time_embedding = self.unet.down(noisy_latents, timesteps, conditioning)
     if mmfs_values is not None:
-      hidden, skips = self.mmfs_module(hidden, skips, mmfs_values, mmfs_mask)
+      hidden, skips = self.mmfs_module.add_residuals(hidden, skips, mmfs_values, mmfs_mask)
     return self.unet.up(hidden, skips, time_embedding, conditioning)
 
   def encode_latents(self, images: jax.Array, noise: jax.Array | None) -> jax.Array:

@@ -213,9 +213,14 @@ class MMFSNet(nn.Module):
     return tuple(block.project_values(features)
                  for block in (*self.mmfs_down_blocks, self.mmfs_mid_block))
 
-  def __call__(self, sample: jax.Array, skips: Sequence[jax.Array],
-               projected_values: Sequence[jax.Array], image_mask: jax.Array
-               ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  def __call__(self, sample: jax.Array, skips: Sequence[jax.Array], features: jax.Array,
+               image_mask: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """`add_residuals` with the values projected from `features [B, N, S, feature_dim]`."""
+    return self.add_residuals(sample, skips, self.project_values(features), image_mask)
+
+  def add_residuals(self, sample: jax.Array, skips: Sequence[jax.Array],
+                    projected_values: Sequence[jax.Array], image_mask: jax.Array
+                    ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Adds each block's residual to its skip and the mid block's to `sample`.
 
     Args:
