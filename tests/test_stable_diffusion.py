@@ -160,3 +160,30 @@ def test_other_unet_families_and_broken_checkpoints_fail_clearly(sd2_pipeline_di
   (tmp_path / "other" / "config.json").write_text(json.dumps(config))
   with pytest.raises(ConversionError, match=r"shape mismatch:[\s\S]*attn2\.to_k\.weight"):
     convert_diffusers.load_unet(tmp_path / "other")
+
+
+def test_empty_prompt_embedding_is_the_text_encoder_output_of_the_padded_empty_prompt(tmp_path):
+  """`neg_prompt_embeds` starts as SD's embedding of "" (bos, eos, then padding to 77)."""
+  import transformers
+
+  (tmp_path / "tokenizer").mkdir()
+  vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2, "a</w>": 3, "a": 4}
+  (tmp_path / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+  (tmp_path / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+  transformers.CLIPTokenizer(str(tmp_path / "tokenizer" / "vocab.json"),
+                             str(tmp_path / "tokenizer" / "merges.txt"), model_max_length=77,
+                             pad_token="!").save_pretrained(tmp_path / "tokenizer")
+  torch.manual_seed(0)
+  encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=5, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+      num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+      pad_token_id=2)).eval()
+  encoder.save_pretrained(tmp_path / "text_encoder")
+  tokens = torch.tensor([[0, 1] + [2] * 75])
+  with torch.no_grad():
+    expected = encoder(tokens).last_hidden_state.numpy()
+  embedding = convert_diffusers.empty_prompt_embedding(tmp_path)
+  assert embedding.shape == (1, 77, 16) and embedding.dtype == np.float32
+  np.testing.assert_allclose(embedding, expected, rtol=1e-6, atol=1e-6)
+  with pytest.raises(FileNotFoundError, match="tokenizer"):
+    convert_diffusers.empty_prompt_embedding(tmp_path / "text_encoder")
