@@ -407,3 +407,23 @@ def test_bad_configs_and_inputs_fail_clearly(decoder_setup):
   with pytest.raises(ValueError, match="features must be"):
     setup["decoder"].apply({"params": setup["params"]}, inputs["mmfs_features"][:, :, 1:],
                            method=ImageDecoder.project_mmfs_features)
+
+
+def test_sharded_loss_equals_the_unsharded_one(decoder_setup):
+  """Params placed by the logical rules on a (data 2, fsdp 2, tensor 2) mesh of 8 devices."""
+  setup = decoder_setup
+  decoder, params, inputs = setup["decoder"], setup["params"], setup["inputs"]
+  expected = setup["loss_fn"](params, **inputs)
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+  structs = [jax.ShapeDtypeStruct(inputs[k].shape, inputs[k].dtype)
+             for k in ("images", "context", "context_mask", "mmfs_features", "mmfs_mask")]
+  boxed = sharding.abstract_params(decoder, *structs, rng=jax.random.key(0))
+  shardings = sharding.param_shardings(boxed, mesh)
+  placed = jax.device_put(params, shardings)
+  unet_shards = sharding.shard_shapes(placed)["decoder"]["unet"]
+  assert unet_shards["down_blocks_2"]["attentions_0"]["transformer_blocks_0"]["ff"]["net_0"][
+      "proj"]["kernel"] == (64 // 2, 512 // 2)
+  with sharding.use_mesh(mesh):
+    loss = jax.jit(lambda p, **kw: decoder.apply({"params": p}, **kw)["loss"],
+                   in_shardings=None)(placed, **inputs)
+  np.testing.assert_allclose(loss, expected["loss"], rtol=1e-5)

@@ -304,8 +304,9 @@ class Transformer2DModel(_UNetModule):
     hidden = GroupNorm(num_groups=self.config.norm_num_groups, epsilon=1e-6, name="norm",
                        dtype=self.dtype, param_dtype=self.param_dtype)(x)
     if self.config.use_linear_projection:
-      project = lambda name: Linear(channels, kernel_axes=("embed", "embed"),  # noqa: E731
-                                    name=name, **self.settings())
+      project = lambda name: Linear(  # noqa: E731
+          channels, kernel_axes=("embed", "query_proj") if name == "proj_in" else
+          ("query_proj", "embed"), name=name, **self.settings())
     else:
       project = lambda name: Conv2d(channels, 1, in_features=channels,  # noqa: E731
                                     kernel_axes=CONV_AXES, name=name, **self.settings())
