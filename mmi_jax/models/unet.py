@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from mmi_jax import sharding
 from mmi_jax.models.clip_vision import remat_layer
 from mmi_jax.models.conv import Conv2d
+from mmi_jax.models.diffusers_config import config_from_mapping
 from mmi_jax.models.linear import Linear
 from mmi_jax.models.norms import GroupNorm, LayerNorm
 from mmi_jax.models.sd_blocks import CONV_AXES, MAP_AXES, Downsample2D, ResnetBlock2D, Upsample2D
@@ -94,31 +95,12 @@ class UNetConfig:
   def from_config(cls, section: Mapping[str, Any]) -> "UNetConfig":
     """From a config section (`config.model.image_decoder.unet`) or a diffusers config dict.
 
-    Keys starting with `_` (diffusers' `_class_name`, `_diffusers_version`) and `sample_size`
-    hints are accepted; keys of other UNet families raise `NotImplementedError` naming them;
-    unknown keys raise `ValueError`.
+    Keys of other UNet families raise `NotImplementedError` naming them; unknown keys raise
+    `ValueError` (`diffusers_config.config_from_mapping`).
     """
-    names = {field.name for field in dataclasses.fields(cls)}
-    values, unsupported, unknown = {}, [], []
-    for key in section.keys():
-      value = section[key]
-      if key.startswith("_") or key in cls.IGNORED:
-        continue
-      if key in names:
-        values[key] = tuple(value) if isinstance(value, list) else value
-      elif key in cls.REQUIRED_DEFAULTS:
-        default = cls.REQUIRED_DEFAULTS[key]
-        if value != default and not (default is None and value in (False, 0)):
-          unsupported.append(f"{key}={value!r} (supported: {default!r})")
-      else:
-        unknown.append(key)
-    if unsupported:
-      raise NotImplementedError(
-          "UNet: only the Stable Diffusion 1.x/2.x UNet2DConditionModel family is built; "
-          "unsupported settings: " + ", ".join(unsupported))
-    if unknown:
-      raise ValueError(f"UNet: unknown config keys {sorted(unknown)}")
-    config = cls(**values)
+    config = config_from_mapping(
+        cls, section, fixed=cls.REQUIRED_DEFAULTS, ignored=cls.IGNORED,
+        family="the Stable Diffusion 1.x/2.x UNet2DConditionModel family")
     config.validate()
     return config
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from mmi_jax.models.clip_vision import remat_layer
 from mmi_jax.models.conv import Conv2d
+from mmi_jax.models.diffusers_config import config_from_mapping
 from mmi_jax.models.linear import Linear
 from mmi_jax.models.norms import GroupNorm
 from mmi_jax.models.sd_blocks import CONV_AXES, Downsample2D, ResnetBlock2D, Upsample2D
@@ -59,30 +60,9 @@ class VAEConfig:
   @classmethod
   def from_config(cls, section: Mapping[str, Any]) -> "VAEConfig":
     """From a config section (`config.model.image_decoder.vae`) or a diffusers config dict."""
-    names = {field.name for field in dataclasses.fields(cls)}
-    values, unsupported, unknown = {}, [], []
-    for key in section.keys():
-      value = section[key]
-      if key.startswith("_") or key in cls.IGNORED:
-        continue
-      if key in names:
-        values[key] = tuple(value) if isinstance(value, list) else value
-      elif key in cls.REQUIRED_DEFAULTS:
-        allowed = cls.REQUIRED_DEFAULTS[key]
-        if isinstance(allowed, tuple):
-          bad = [kind for kind in value if kind not in allowed]
-          if bad:
-            unsupported.append(f"{key} {bad} (supported: {allowed[0]})")
-        elif value != allowed:
-          unsupported.append(f"{key}={value!r} (supported: {allowed!r})")
-      else:
-        unknown.append(key)
-    if unsupported:
-      raise NotImplementedError("VAE: only Stable Diffusion's AutoencoderKL is built; "
-                                "unsupported settings: " + ", ".join(unsupported))
-    if unknown:
-      raise ValueError(f"VAE: unknown config keys {sorted(unknown)}")
-    config = cls(**values)
+    config = config_from_mapping(cls, section, fixed=cls.REQUIRED_DEFAULTS,
+                                 ignored=cls.IGNORED,
+                                 family="Stable Diffusion's AutoencoderKL")
     if config.act_fn not in ("silu", "swish"):
       raise NotImplementedError(f"VAE: act_fn {config.act_fn!r} (supported: silu)")
     for channels in config.block_out_channels:
