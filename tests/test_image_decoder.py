@@ -2,6 +2,7 @@
 references built from diffusers, transformers and SPEC-based torch code; release shapes."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -26,7 +27,7 @@ from mmi_jax.models.mmfs_net import MMFSBlock, MMFSNet
 from mmi_jax.trainable import count_params, trainable_mask
 from release_shapes import (SHAPES_13B, release_name_and_shape, release_shapes_of,
                             release_state_dict)
-from torch_references import mmfs_block_reference, sincos_2d_table
+from torch_references import mmfs_block_reference, perturb, sincos_2d_table
 
 BATCH, CONTEXT = 3, 6
 
@@ -67,13 +68,9 @@ def _torch_modules(config):
   torch.manual_seed(0)
   generator = torch.Generator().manual_seed(1)
 
-  def perturbed(model):
-    with torch.no_grad():
-      for param in model.parameters():
-        param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return model.eval()
+  perturbed = functools.partial(perturb, generator=generator)
 
-  unet = perturbed(TorchUNet(**{k: v for k, v in dataclasses.asdict(config.unet).items()}))
+  unet = perturbed(TorchUNet(**dataclasses.asdict(config.unet)))
   blocks = len(config.vae.block_out_channels)
   vae = perturbed(TorchAutoencoderKL(
       **dataclasses.asdict(config.vae), down_block_types=("DownEncoderBlock2D",) * blocks,

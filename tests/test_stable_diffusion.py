@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
+from diffusers import DDPMScheduler
 from diffusers import UNet2DConditionModel as TorchUNet
 
 from mmi_jax.convert import diffusers as convert_diffusers
 from mmi_jax.convert.torch_names import ConversionError
+from torch_references import perturb
 
 # SD 2.x style (linear projections, per-block heads) and SD 1.x style (conv projections, one
 # head count for all blocks), both tiny.
@@ -34,11 +36,7 @@ VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=
 
 def _perturbed(model, seed):
   """Random weights everywhere (diffusers zero-initialises some convs)."""
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for param in model.parameters():
-      param.add_(0.05 * torch.randn(param.shape, generator=generator))
-  return model.eval()
+  return perturb(model, torch.Generator().manual_seed(seed))
 
 
 def _relative_error(ours, reference):
@@ -187,3 +185,18 @@ def test_empty_prompt_embedding_is_the_text_encoder_output_of_the_padded_empty_p
   np.testing.assert_allclose(embedding, expected, rtol=1e-6, atol=1e-6)
   with pytest.raises(FileNotFoundError, match="tokenizer"):
     convert_diffusers.empty_prompt_embedding(tmp_path / "text_encoder")
+
+
+def test_noise_schedule_loads_from_the_pipeline_directory(sd2_pipeline_dir):
+  root, _, _ = sd2_pipeline_dir
+  (root / "scheduler").mkdir(exist_ok=True)
+  sd21 = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+          "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+          "prediction_type": "epsilon", "set_alpha_to_one": False, "skip_prk_steps": True,
+          "steps_offset": 1, "trained_betas": None}
+  (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(sd21))
+  schedule = convert_diffusers.load_noise_schedule(root)
+  assert (schedule.steps_offset, schedule.set_alpha_to_one, schedule.clip_sample) == (1, False,
+                                                                                       False)
+  np.testing.assert_array_equal(
+      schedule.alphas_cumprod, DDPMScheduler.from_config(sd21).alphas_cumprod.numpy())

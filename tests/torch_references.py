@@ -143,6 +143,15 @@ def mmfs_block_reference(params, sample, features, image_mask, *, eps, num_heads
   return F.conv2d(attended, params["conv.weight"], params["conv.bias"])
 
 
+def perturb(model, generator, scale=0.05):
+  """Adds `scale * N(0, 1)` to every parameter (diffusers zero-initialises some layers, which
+  would make them invisible to a comparison); returns the model in eval mode."""
+  with torch.no_grad():
+    for param in model.parameters():
+      param.add_(scale * torch.randn(param.shape, generator=generator))
+  return model.eval()
+
+
 def to_torch(x, dtype=torch.float32):
   return torch.from_numpy(np.array(x, dtype=np.float32)).to(dtype)
 

@@ -43,20 +43,19 @@ def diffusers_key(key: str) -> str:
   return _LITERAL_UNDERSCORE.sub(r"\1time_embedding.linear_\2.", key)
 
 
-def component_directory(path: str | os.PathLike, component: str,
-                        config_name: str = "config.json") -> pathlib.Path:
+def component_directory(path: str | os.PathLike, component: str) -> pathlib.Path:
   """`path/component` when `path` is a pipeline directory, else `path` itself."""
   path = pathlib.Path(path)
-  if (path / component / config_name).is_file():
+  if (path / component / "config.json").is_file():
     return path / component
-  if (path / config_name).is_file():
+  if (path / "config.json").is_file():
     return path
-  raise FileNotFoundError(f"{path}: no {config_name} here or in {path / component}; expected a "
+  raise FileNotFoundError(f"{path}: no config.json here or in {path / component}; expected a "
                           f"diffusers pipeline directory or its {component}/ directory")
 
 
-def read_config(directory: pathlib.Path, config_name: str = "config.json") -> dict[str, Any]:
-  file = directory / config_name
+def read_config(directory: pathlib.Path) -> dict[str, Any]:
+  file = directory / "config.json"
   try:
     return json.loads(file.read_text())
   except json.JSONDecodeError as error:
@@ -139,9 +138,9 @@ def load_vae(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = j
 
 
 def load_noise_schedule(path: str | os.PathLike) -> NoiseSchedule:
-  """The training noise schedule of `scheduler/scheduler_config.json`."""
-  directory = component_directory(path, "scheduler", "scheduler_config.json")
-  return NoiseSchedule.from_diffusers(directory / "scheduler_config.json")
+  """The training noise schedule of `scheduler/scheduler_config.json` (a pipeline directory,
+  the scheduler directory or the json file)."""
+  return NoiseSchedule.from_diffusers(path)
 
 
 def empty_prompt_embedding(path: str | os.PathLike) -> np.ndarray:

@@ -127,9 +127,6 @@ class StableDiffusion(nn.Module):
     self.mmfs_module = MMFSNet(self.config.mmfs, unet.block_out_channels, unet.layers_per_block,
                                remat_policy=self.remat_policy, **settings)
 
-  def __call__(self, noisy_latents, timesteps, conditioning, mmfs_values, mmfs_mask):
-    return self.denoise(noisy_latents, timesteps, conditioning, mmfs_values, mmfs_mask)
-
   def project_mmfs_features(self, features: jax.Array) -> tuple[jax.Array, ...]:
     """`features [B, N, S, feature_dim]` -> each MMFS block's values (`MMFSNet.project_values`)."""
     return self.mmfs_module.project_values(features)
