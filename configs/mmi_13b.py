@@ -121,6 +121,9 @@ def get_config() -> ml_collections.ConfigDict:
       image_size=512,
       uncond_prob=0.1,  # conditioning replaced by neg_prompt_embeds during training
       context_pos_length=2048,  # rows of the 1-D sin-cos table added to image contexts
+      # Static length of each image's context (from its soi back to its document's <s>);
+      # the release's longest context is the whole sequence.
+      max_context_length=2048,
       qformer=dict(
           num_queries=77,
           hidden_size=1024,

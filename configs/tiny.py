@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
                    max_position_embeddings=256)
   model.llm.mmfs.update(scale_sizes=(8, 4, 2), base_spatial_shape=4)
 
-  model.image_decoder.update(image_size=64, context_pos_length=256)
+  model.image_decoder.update(image_size=64, context_pos_length=256, max_context_length=256)
   model.image_decoder.qformer.update(num_queries=8, hidden_size=32, num_heads=2, mlp_dim=64)
   model.image_decoder.unet.update(sample_size=8, block_out_channels=(32, 32, 64, 64),
                                   attention_head_dim=(2, 2, 4, 4), cross_attention_dim=32,

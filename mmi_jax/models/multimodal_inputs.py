@@ -90,17 +90,24 @@ def images_per_sequence(images: jax.Array, sequence_ids: jax.Array, image_valid:
     valid images before it in that row. Images beyond N slots are dropped (check the layout
     on the host with `check_image_layout`).
   """
-  valid = image_valid.astype(bool)
-  one_hot = (sequence_ids[:, None] == jnp.arange(batch)[None, :]) & valid[:, None]  # [I, B]
-  rank = jnp.cumsum(one_hot, axis=0) - 1
-  slot = jnp.take_along_axis(rank, jnp.clip(sequence_ids, 0, batch - 1)[:, None], axis=1)[:, 0]
-  keep = valid & (slot < max_images) & (sequence_ids >= 0) & (sequence_ids < batch)
+  slot = image_slots(sequence_ids, image_valid, batch)
+  keep = image_valid.astype(bool) & (slot < max_images) & (sequence_ids >= 0) & (
+      sequence_ids < batch)
   flat_index = jnp.where(keep, sequence_ids * max_images + slot, batch * max_images)
   out = jnp.zeros((batch * max_images,) + images.shape[1:], images.dtype)
   out = out.at[flat_index].set(images, mode="drop")
   slot_mask = jnp.zeros((batch * max_images,), bool).at[flat_index].set(True, mode="drop")
   return (out.reshape((batch, max_images) + images.shape[1:]),
           slot_mask.reshape(batch, max_images))
+
+
+def image_slots(sequence_ids: jax.Array, image_valid: jax.Array, batch: int) -> jax.Array:
+  """`[I]` the slot of each image of a flat list in its sequence: the number of valid images
+  of the same sequence before it (the image's rank, = which soi of the row starts it)."""
+  valid = image_valid.astype(bool)
+  one_hot = (sequence_ids[:, None] == jnp.arange(batch)[None, :]) & valid[:, None]  # [I, B]
+  rank = jnp.cumsum(one_hot, axis=0, dtype=jnp.int32) - 1
+  return jnp.take_along_axis(rank, jnp.clip(sequence_ids, 0, batch - 1)[:, None], axis=1)[:, 0]
 
 
 def scan_documents(token_ids: jax.Array, valid: jax.Array, first_slot: jax.Array | int,
@@ -226,5 +233,5 @@ def check_image_layout(token_ids: np.ndarray, attention_mask: np.ndarray,
 
 
 __all__ = ["DocumentState", "TokenIds", "add_soi_embedding", "check_image_layout",
-           "image_visibility", "images_per_sequence", "place_image_embeddings",
+           "image_slots", "image_visibility", "images_per_sequence", "place_image_embeddings",
            "scan_documents"]
