@@ -66,6 +66,8 @@ class ConversionError(ValueError):
 def params_from_state_dict(abstract_params: Any, tensors: Mapping[str, Any] | Any,
                            prefix: str = "", *, ignore: Iterable[str] = (),
                            rename: Callable[[str], str] | None = None,
+                           from_file_layout: Callable[[Sequence[str], np.ndarray],
+                                                      np.ndarray] = from_torch_layout,
                            source: str = "state dict") -> dict[str, Any]:
   """Fills `abstract_params` from `tensors` (key -> array), checking that everything matches.
 
@@ -79,6 +81,7 @@ def params_from_state_dict(abstract_params: Any, tensors: Mapping[str, Any] | An
       pooler the model does not build. Keys outside `prefix` are ignored too.
     rename: optional map from the rule's key to the file's key, for the few names a family of
       checkpoints spells differently.
+    from_file_layout: `(path, tensor) -> array` in the param's layout (`from_torch_layout`).
     source: a description of where the tensors come from, for the error message.
 
   Returns:
@@ -98,12 +101,12 @@ def params_from_state_dict(abstract_params: Any, tensors: Mapping[str, Any] | An
       missing.append(f"{key} (for {'/'.join(path)} {tuple(leaf.shape)})")
       continue
     used.add(key)
-    array = from_torch_layout(path, np.asarray(tensors[key]))
+    array = from_file_layout(path, np.asarray(tensors[key]))
     if tuple(array.shape) != tuple(leaf.shape):
       mismatched.append(f"{key}: file {tuple(array.shape)} (in Flax layout), "
                         f"model {tuple(leaf.shape)}")
       continue
-    flat[path] = array.astype(leaf.dtype)
+    flat[path] = array.astype(leaf.dtype, order="C")
   unexpected = sorted(
       key for key in available - used
       if key.startswith(prefix) and not any(p.search(key) for p in ignore_patterns))

@@ -117,7 +117,8 @@ class MMFSBlock(nn.Module):
     self.feat_norm = norm("vision_embed")
     table = sincos_2d(self.channels, config.pos_grid_size)
     self.pos_embed = self.param(
-        "pos_embed", nn.with_logical_partitioning(lambda *_: jnp.asarray(table), (None, "embed")),
+        "pos_embed", nn.with_logical_partitioning(
+            lambda key, shape, dtype: jnp.asarray(table, dtype), (None, "embed")),
         (config.pos_grid_size ** 2, self.channels), self.param_dtype)
     self.mmfs = MMFS(
         attention_dim=config.attention_dim, output_dim=self.channels,

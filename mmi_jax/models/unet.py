@@ -218,9 +218,10 @@ class Attention(_UNetModule):
     value = dense((context_axis, "heads"), "to_v", use_bias=False)(context)
     split = lambda t: t.reshape(t.shape[:2] + (self.heads, width // self.heads))  # noqa: E731
     query, key, value = split(query), split(key), split(value)
-    if self.config.upcast_attention:
-      query, key = query.astype(jnp.float32), key.astype(jnp.float32)
-      value = value.astype(jnp.float32)
+    # One dtype for q, k and v (a float32 sample may attend to a bfloat16 context).
+    common = (jnp.float32 if self.config.upcast_attention
+              else jnp.result_type(query, key, value))
+    query, key, value = (t.astype(common) for t in (query, key, value))
     attended = jax.nn.dot_product_attention(query, key, value,
                                             implementation=self.attention_implementation)
     attended = attended.reshape(x.shape[:2] + (width,)).astype(x.dtype)
