@@ -42,7 +42,7 @@ from flax import traverse_util
 from mmi_jax import sharding
 from mmi_jax.convert import checkpoint_files
 from mmi_jax.convert.diffusers import diffusers_key
-from mmi_jax.convert.torch_names import (ConversionError, from_torch_layout,
+from mmi_jax.convert.torch_names import (check_same_tree, from_torch_layout,
                                          params_from_state_dict, to_torch_layout, torch_name)
 
 VISUAL_TOKENIZER_PREFIX = "visual_tokenizer."
@@ -205,8 +205,7 @@ def state_dict_items(params: Any, model_config: Mapping[str, Any], *, dtype: Any
   """
   flat = traverse_util.flatten_dict(nn.meta.unbox(params))
   if check:
-    expected = traverse_util.flatten_dict(nn.meta.unbox(abstract_params(model_config)))
-    _check_same_tree(flat, expected)
+    check_same_tree(params, abstract_params(model_config), "to save", "this config")
   for path, leaf in flat.items():
     array = np.asarray(jax.device_get(leaf))
     if dtype is not None and jnp.issubdtype(array.dtype, jnp.floating):
@@ -234,20 +233,6 @@ def save(params: Any, model_config: Mapping[str, Any], directory: str | os.PathL
     return checkpoint_files.write_checkpoint(directory, items, base_name="model",
                                              max_shard_bytes=max_shard_bytes,
                                              progress=lambda key: bar.update(1))
-
-
-def _check_same_tree(flat: Mapping[tuple, Any], expected: Mapping[tuple, Any]) -> None:
-  missing = sorted("/".join(path) for path in expected.keys() - flat.keys())
-  unexpected = sorted("/".join(path) for path in flat.keys() - expected.keys())
-  mismatched = sorted(f"{'/'.join(path)}: params {tuple(np.shape(flat[path]))}, model "
-                      f"{tuple(expected[path].shape)}" for path in flat.keys() & expected.keys()
-                      if tuple(np.shape(flat[path])) != tuple(expected[path].shape))
-  problems = [f"  {len(items)} {title}:\n    " + "\n    ".join(items[:50])
-              for title, items in (("missing", missing), ("unexpected", unexpected),
-                                   ("shape mismatch", mismatched)) if items]
-  if problems:
-    raise ConversionError("params do not match the model of this config:\n"
-                          + "\n".join(problems))
 
 
 def visual_tokenizer_params(abstract: Any, tensors: Mapping[str, Any], *,

@@ -121,3 +121,27 @@ def params_from_state_dict(abstract_params: Any, tensors: Mapping[str, Any] | An
     raise ConversionError(f"{source} does not match the model (prefix {prefix!r}):\n"
                           + "\n".join(problems))
   return traverse_util.unflatten_dict(flat)
+
+
+def check_same_tree(tree: Any, abstract: Any, what: str, against: str) -> dict[tuple, Any]:
+  """The flattened `tree`, after checking its names and shapes against `abstract` (e.g. params
+  about to be written against the model a config describes).
+
+  Raises:
+    ConversionError: listing every missing param, unexpected param and shape mismatch.
+  """
+  flat = traverse_util.flatten_dict(nn.meta.unbox(tree))
+  expected = traverse_util.flatten_dict(nn.meta.unbox(abstract))
+  missing = [f"{'/'.join(path)} {tuple(leaf.shape)}" for path, leaf in expected.items()
+             if path not in flat]
+  unexpected = ["/".join(path) for path in flat if path not in expected]
+  mismatched = [f"{'/'.join(path)}: params {tuple(np.shape(flat[path]))}, model "
+                f"{tuple(leaf.shape)}" for path, leaf in expected.items()
+                if path in flat and tuple(np.shape(flat[path])) != tuple(leaf.shape)]
+  problems = [f"  {len(items)} {title}:\n    " + "\n    ".join(items)
+              for title, items in (("missing", missing), ("unexpected", unexpected),
+                                   ("shape mismatch", mismatched)) if items]
+  if problems:
+    raise ConversionError(f"params {what} do not match the model of {against}:\n"
+                          + "\n".join(problems))
+  return flat
