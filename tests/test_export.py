@@ -4,7 +4,6 @@ reads back through mmi_jax's loaders to the same arrays."""
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -17,64 +16,24 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from flax import traverse_util
 
 from configs import tiny
-from mmi_jax import sharding
-from mmi_jax.convert import checkpoint_files, export, hf
+from mmi_jax.convert import checkpoint_files, export, hf, release
 from mmi_jax.convert import diffusers as convert_diffusers
 from mmi_jax.models.clip_vision import CLIPVisionTransformer
-from mmi_jax.models.image_decoder import ImageDecoder, ImageDecoderConfig
+from mmi_jax.models.image_decoder import ImageDecoderConfig
 from mmi_jax.models.multimodal_lm import MultimodalLM
 from mmi_jax.models.unet import UNet2DConditionModel
 from mmi_jax.models.vae import AutoencoderKL
-from mmi_jax.models.visual_tokenizer import VisualTokenizer
+from random_params import random_params
 
 CONFIG = tiny.get_config().model
 TEXT_VOCAB = CONFIG.tokens.text_vocab_size
 TRUNK = ("embeddings", "pre_layrnorm", "encoder")
 
 
-def _struct(*shape, dtype=jnp.float32):
-  return jax.ShapeDtypeStruct(shape, dtype)
-
-
-def _random_params(abstract, seed):
-  """Random values for an abstract tree: fan-in scaled kernels, norms' scales off 1."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    if path[-1].key == "kernel":
-      value = rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-    elif path[-1].key == "scale":
-      value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-    elif path[-1].key == "embedding":
-      value = rng.standard_normal(leaf.shape)
-    else:
-      value = 0.1 * rng.standard_normal(leaf.shape)
-    return value.astype(leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, nn.meta.unbox(abstract))
-
-
 @functools.lru_cache(maxsize=None)
 def _full_params():
   """A full MM-Interleaved params tree of the tiny config (MMFS layers included)."""
-  llm, vision = CONFIG.llm, CONFIG.vision_encoder
-  feature_positions = sum(size * size for size in llm.mmfs.scale_sizes)
-  lm = sharding.abstract_params(
-      MultimodalLM.from_config(CONFIG), _struct(1, 4, dtype=jnp.int32), None,
-      _struct(1, 1, CONFIG.tokens.tokens_per_image, llm.hidden_size),
-      _struct(1, 1, feature_positions, vision.hidden_size))
-  tokenizer = sharding.abstract_params(
-      VisualTokenizer.from_config(CONFIG), _struct(1, vision.image_size, vision.image_size, 3))
-  decoder_config = ImageDecoderConfig.from_config(CONFIG)
-  side = decoder_config.image_size
-  decoder = sharding.abstract_params(
-      ImageDecoder(decoder_config), _struct(1, side, side, 3), _struct(1, 3, llm.hidden_size),
-      _struct(1, 3, dtype=jnp.int32),
-      _struct(1, 1, decoder_config.mmfs.feature_positions, decoder_config.mmfs.feature_dim),
-      _struct(1, 1, dtype=jnp.int32), rng=jax.random.key(0))
-  params = _random_params(dict(lm, visual_tokenizer=tokenizer, image_decoder=decoder,
-                               context_feat_proj={"kernel": _struct(llm.hidden_size, 32),
-                                                  "bias": _struct(32)}), seed=0)
+  params = random_params(release.abstract_params(CONFIG), seed=0)
   params["text_decoder"]["head"]["bias"][:TEXT_VOCAB] = 0.0  # as released
   return params
 

@@ -1,19 +1,13 @@
 """The image decoder (SPEC 7): MMFS net, diffusion loss and guided generation against
 references built from diffusers, transformers and SPEC-based torch code; release shapes."""
 
-import dataclasses
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
-from diffusers import AutoencoderKL as TorchAutoencoderKL
 from diffusers import DDPMScheduler
-from diffusers import UNet2DConditionModel as TorchUNet
 from flax import traverse_util
 
 from configs import mmi_13b, tiny
@@ -27,6 +21,7 @@ from mmi_jax.models.mmfs_net import MMFSBlock, MMFSNet
 from mmi_jax.trainable import count_params, trainable_mask
 from release_shapes import (SHAPES_13B, release_name_and_shape, release_shapes_of,
                             release_state_dict)
+from torch_model_references import image_decoder_loss_reference, image_decoder_modules
 from torch_references import mmfs_block_reference, perturb, sincos_2d_table
 
 BATCH, CONTEXT = 3, 6
@@ -67,23 +62,8 @@ def _inputs(config, seed=0):
 def _torch_modules(config):
   torch.manual_seed(0)
   generator = torch.Generator().manual_seed(1)
-
-  perturbed = functools.partial(perturb, generator=generator)
-
-  unet = perturbed(TorchUNet(**dataclasses.asdict(config.unet)))
-  blocks = len(config.vae.block_out_channels)
-  vae = perturbed(TorchAutoencoderKL(
-      **dataclasses.asdict(config.vae), down_block_types=("DownEncoderBlock2D",) * blocks,
-      up_block_types=("UpDecoderBlock2D",) * blocks))
-  qformer_config = transformers.Blip2QFormerConfig(
-      hidden_size=config.qformer.hidden_size, num_hidden_layers=config.qformer.num_layers,
-      num_attention_heads=config.qformer.num_heads, intermediate_size=config.qformer.mlp_dim,
-      encoder_hidden_size=tiny.get_config().model.llm.hidden_size,
-      cross_attention_frequency=config.qformer.cross_attention_frequency,
-      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-      layer_norm_eps=config.qformer.layer_norm_eps)
-  qformer = perturbed(transformers.Blip2QFormerModel(qformer_config))
-  return unet, vae, qformer
+  modules = image_decoder_modules(config, tiny.get_config().model.llm.hidden_size)
+  return tuple(perturb(module, generator) for module in modules)
 
 
 def _numpy_state(module):
@@ -160,63 +140,20 @@ def decoder_setup():
 
 
 def _reference_loss(setup, inputs, image_valid):
-  """SPEC 7's loss from diffusers' UNet, VAE and DDPM scheduler, transformers' Q-Former and
-  `mmfs_block_reference`, the MMFS residuals entering as ControlNet residuals (the release adds
-  them at the same place: to the skips and to the mid-block output)."""
+  """SPEC 7's loss from `image_decoder_loss_reference` (diffusers' UNet, VAE and DDPM
+  scheduler, transformers' Q-Former and `mmfs_block_reference`)."""
   config, params = setup["config"], setup["params"]
   unet, vae, qformer = setup["torch"]
   t = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
-  nchw = lambda x: x.permute(0, 3, 1, 2)  # noqa: E731
-  with torch.no_grad():
-    distribution = vae.encode(nchw(t["images"]) * 2 - 1).latent_dist
-    latents = (distribution.mean + distribution.std * nchw(t["latent_noise"]))
-    latents = latents * config.vae.scaling_factor
-    schedule = dataclasses.asdict(config.noise_schedule)
-    scheduler = DDPMScheduler(**{k: schedule[k] for k in (
-        "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")})
-    timesteps = t["timesteps"].long()
-    noise = nchw(t["noise"])
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    queries = torch.from_numpy(params["perceiver_resampler"]["queries"]).expand(BATCH, -1, -1)
-    conditioning = qformer(query_embeds=queries, encoder_hidden_states=t["context"],
-                           encoder_attention_mask=t["context_mask"]).last_hidden_state
-    negative = torch.from_numpy(params["neg_prompt_embeds"])
-    conditioning = torch.where(t["uncond_mask"][:, None, None], negative, conditioning)
-
-    captured = {}
-    hooks = [unet.conv_in.register_forward_hook(
-        lambda m, i, o: captured.__setitem__("conv_in", o))]
-    for index, block in enumerate(unet.down_blocks):
-      hooks.append(block.register_forward_hook(
-          lambda m, i, o, index=index: captured.__setitem__(index, o[1])))
-    hooks.append(unet.mid_block.register_forward_hook(
-        lambda m, i, o: captured.__setitem__("mid", o)))
-    unet(noisy, timesteps, conditioning)
-    for hook in hooks:
-      hook.remove()
-    skips = [captured["conv_in"]]
-    for index in range(len(unet.down_blocks)):
-      skips.extend(captured[index])
-
-    mmfs = params["decoder"]["mmfs_module"]
-    settings = dict(eps=config.mmfs.layer_norm_eps, num_heads=config.mmfs.num_heads,
-                    num_points=config.mmfs.num_points, scale_sizes=config.mmfs.scale_sizes,
-                    offset_scale_sizes=config.mmfs.offset_scale_sizes)
-    features = t["mmfs_features"]
-    residuals = [mmfs_block_reference(_torch_params(mmfs[f"mmfs_down_blocks_{i}"]), skip,
-                                      features, t["mmfs_mask"],
-                                      base_spatial_shape=config.mmfs.base_spatial_shapes[i],
-                                      **settings)
-                 for i, skip in enumerate(skips)]
-    mid_residual = mmfs_block_reference(_torch_params(mmfs["mmfs_mid_block"]), captured["mid"],
-                                        features, t["mmfs_mask"],
-                                        base_spatial_shape=config.mmfs.mid_base_spatial_shape,
-                                        **settings)
-    prediction = unet(noisy, timesteps, conditioning, down_block_additional_residuals=residuals,
-                      mid_block_additional_residual=mid_residual).sample
-    per_image = ((prediction - noise) ** 2).mean(dim=(1, 2, 3))
-    weight = (t["context_mask"].sum(1) > 2).float() * t["image_loss_mask"] * image_valid
-    return float((per_image * weight).sum() / image_valid.sum()), per_image.numpy()
+  mmfs = params["decoder"]["mmfs_module"]
+  per_image = image_decoder_loss_reference(
+      config, unet, vae, qformer, torch.from_numpy(params["perceiver_resampler"]["queries"]),
+      torch.from_numpy(params["neg_prompt_embeds"]),
+      [_torch_params(mmfs[f"mmfs_down_blocks_{i}"])
+       for i in range(len(config.mmfs.base_spatial_shapes))],
+      _torch_params(mmfs["mmfs_mid_block"]), t)
+  weight = (t["context_mask"].sum(1) > 2).float() * t["image_loss_mask"] * image_valid
+  return float((per_image * weight).sum() / image_valid.sum()), per_image.numpy()
 
 
 def test_loss_equals_the_reference_and_padding_changes_nothing(decoder_setup):

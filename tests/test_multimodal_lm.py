@@ -10,18 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 from flax import traverse_util
 
 from configs import mmi_13b, tiny
 from mmi_jax import sharding
-from mmi_jax.convert.torch_names import to_torch_layout, torch_name
+from mmi_jax.convert.torch_names import to_torch_layout
 from mmi_jax.decoding import decode_step, greedy_decode
 from mmi_jax.models import multimodal_inputs as mm_inputs
 from mmi_jax.models.multimodal_lm import MultimodalLM
 from mmi_jax.models.text_head import TextHead, head_from_lm_head
-from release_shapes import SHAPES_13B, release_shapes_of, release_state_dict
-from torch_references import mmfs_reference
+from release_shapes import (SHAPES_13B, release_name_and_shape, release_shapes_of,
+                            release_state_dict)
+from torch_model_references import llama_reference, multimodal_lm_reference
 
 CONFIG = tiny.get_config().model
 TOKENS = mm_inputs.TokenIds.from_config(CONFIG.tokens)
@@ -118,82 +118,24 @@ def _row_images(row):
 
 
 def _torch_state(params):
+  """The params as a release-named state dict of torch tensors."""
   flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, params))
-  return {torch_name(path): torch.from_numpy(np.array(to_torch_layout(path, v)))
-          for path, v in flat.items()}
+  return {release_name_and_shape(path, v.shape)[0]: torch.from_numpy(
+      np.array(to_torch_layout(path, v))) for path, v in flat.items()}
 
 
 @functools.lru_cache(maxsize=None)
 def _hf_decoder():
-  llm = CONFIG.llm
-  config = transformers.LlamaConfig(
-      vocab_size=CONFIG.tokens.vocab_size, hidden_size=D, num_hidden_layers=llm.num_layers,
-      num_attention_heads=llm.num_heads, num_key_value_heads=llm.num_kv_heads,
-      intermediate_size=llm.mlp_dim, rms_norm_eps=llm.rms_norm_eps,
-      max_position_embeddings=llm.max_position_embeddings, attn_implementation="eager")
-  model = transformers.LlamaModel(config).eval()
   state = _torch_state(_params())
-  llama = {k[len("mm_decoder."):]: v for k, v in state.items()
-           if k.startswith("mm_decoder.") and "llama_cross_attn" not in k}
-  missing, unexpected = model.load_state_dict(llama, strict=False)
-  assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
-  return model, state
-
-
-def _rms(x, weight, eps):
-  return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+  return llama_reference(CONFIG, state), state
 
 
 def _reference_logits(row_ids, image_embeds, image_features):
   """SPEC section 5 for one sequence alone (a batch of one, as the release would run it)."""
   model, state = _hf_decoder()
-  mmfs = CONFIG.llm.mmfs
-  eps = CONFIG.llm.rms_norm_eps
-  ids = torch.tensor(row_ids)[None]
-  length = ids.shape[1]
-  with torch.no_grad():
-    hidden = model.embed_tokens(ids)
-    # <|image|> positions take the images' embeddings in order; soi gets soi_token added.
-    image_positions = [t for t in range(length) if row_ids[t] == IMG]
-    hidden[0, image_positions] = torch.from_numpy(image_embeds.reshape(-1, D))
-    soi_positions = [t for t in range(length) if row_ids[t] == SOI]
-    hidden[0, soi_positions] += state["soi_token"][0]
-    # Cross-attention mask: image n starts at its soi + 1, visible iff nearest_bos < p <= t.
-    nearest_bos, last = [], -1
-    for t in range(length):
-      last = t if row_ids[t] == BOS else last
-      nearest_bos.append(last)
-    starts = [p + 1 for p in soi_positions]
-    image_mask = torch.tensor([[float(nearest_bos[t] < p <= t) for p in starts]
-                               for t in range(length)])[None]
-    position_ids = torch.arange(length)[None]
-    cos_sin = model.rotary_emb(hidden, position_ids)
-    causal = torch.full((length, length), torch.finfo(torch.float32).min).triu(1)[None, None]
-    values = torch.from_numpy(image_features)[None]
-    for index, layer in enumerate(model.layers):
-      attended, _ = layer.self_attn(layer.input_layernorm(hidden), position_embeddings=cos_sin,
-                                    attention_mask=causal)
-      hidden = hidden + attended
-      if index % mmfs.layer_frequency == 0:
-        prefix = f"mm_decoder.layers.{index}.llama_cross_attn."
-        attn = {k[len(prefix + "attn."):]: v for k, v in state.items()
-                if k.startswith(prefix + "attn.")}
-        attn["query_relpos.weight"] = attn.pop("query_relpos")
-        query = _rms(hidden, state[prefix + "norm1.weight"], eps)
-        normed_values = _rms(values, state[prefix + "norm2.weight"], eps)
-        reference = torch.full((1, length, 2), 0.5)
-        sampled = mmfs_reference(attn, query, reference, normed_values, image_mask,
-                                 num_heads=mmfs.num_heads, num_points=mmfs.num_points,
-                                 scale_sizes=tuple(mmfs.scale_sizes),
-                                 base_spatial_shape=mmfs.base_spatial_shape)
-        hidden = hidden + torch.tanh(state[prefix + "gate"]) * sampled
-      hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    hidden = model.norm(hidden)
-    text_vocab = CONFIG.tokens.text_vocab_size
-    logits = hidden @ state["text_decoder.head.weight"].T + state["text_decoder.head.bias"]
-    logits[..., text_vocab:] += (hidden @ state["text_decoder.head_new.weight"].T
-                                 + state["text_decoder.head_new.bias"])
-  return logits[0].numpy(), image_mask[0].numpy()
+  _, logits, image_mask = multimodal_lm_reference(model, state, CONFIG, row_ids, image_embeds,
+                                                  image_features)
+  return logits.numpy(), image_mask.numpy()
 
 
 def _assert_close(actual, expected, rtol=1e-4):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import flax.linen as nn
 import ml_dtypes
 import numpy as np
 import pytest
@@ -18,18 +17,10 @@ from mmi_jax.convert import checkpoint_files, release
 from mmi_jax.convert import __main__ as cli
 from mmi_jax.convert.torch_names import ConversionError
 from mmi_jax.models.mm_interleaved import frozen_param_patterns
+from random_params import random_params
 from release_shapes import SHAPES_13B
 
 TINY = tiny.get_config().model
-
-
-def random_params(abstract, seed=0, dtype=np.float32):
-  """Random values (a different scale per leaf) for every leaf of an abstract tree."""
-  rng = np.random.default_rng(seed)
-  flat = traverse_util.flatten_dict(nn.meta.unbox(abstract))
-  return traverse_util.unflatten_dict({
-      path: (rng.standard_normal(leaf.shape) * rng.uniform(0.01, 1.0)).astype(dtype)
-      for path, leaf in flat.items()})
 
 
 def flat(tree):

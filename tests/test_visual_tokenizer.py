@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import Blip2QFormerConfig, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from configs import mmi_13b, tiny
 from mmi_jax import sharding, trainable
@@ -21,32 +21,11 @@ from mmi_jax.models.vit_adapter import (CLIPViTAdapter, Injector, adapter_shapes
 from mmi_jax.models.visual_tokenizer import VisualTokenizer, frozen_param_patterns
 from test_mmfs import SHAPES_13B
 import torch_vision_references as ref
+from torch_model_references import visual_tokenizer_reference
 
 
 def _torch_modules(model_config):
-  vision, adapter = model_config.vision_encoder, model_config.vision_adapter
-  section = model_config.visual_tokenizer
-  clip_config = CLIPVisionConfig(
-      hidden_size=vision.hidden_size, intermediate_size=vision.mlp_dim,
-      num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_heads,
-      image_size=vision.image_size, patch_size=vision.patch_size, hidden_act=vision.activation,
-      layer_norm_eps=vision.layer_norm_eps)
-  encoder = ref.ViTAdapter(clip_config, interaction_indexes=adapter.interaction_indexes,
-                           conv_inplane=adapter.conv_inplane, adapter_heads=adapter.num_heads,
-                           points=adapter.num_points, ratio=adapter.value_ratio,
-                           ffn_ratio=adapter.ffn_ratio, eps=adapter.layer_norm_eps,
-                           extra=adapter.extra_extractors)
-  qformer = section.qformer
-  qformer_config = Blip2QFormerConfig(
-      hidden_size=qformer.hidden_size, num_hidden_layers=qformer.num_layers,
-      num_attention_heads=qformer.num_heads, intermediate_size=qformer.mlp_dim,
-      cross_attention_frequency=qformer.cross_attention_frequency,
-      encoder_hidden_size=vision.hidden_size, layer_norm_eps=qformer.layer_norm_eps)
-  tokenizer = ref.VisualTokenizer(encoder, qformer_config, num_queries=qformer.num_queries,
-                                  qk_normalization=qformer.qk_normalization,
-                                  llm_width=model_config.llm.hidden_size,
-                                  pos_grid=section.pos_grid_size)
-  return ref.perturb_(tokenizer.eval(), seed=0)
+  return ref.perturb_(visual_tokenizer_reference(model_config), seed=0)
 
 
 @pytest.fixture(scope="session")
