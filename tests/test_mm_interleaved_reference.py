@@ -16,14 +16,12 @@ image in its row is A, in the other document, so B has no MMFS-net value source;
 
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flax import traverse_util
 
 from configs import tiny
 from mmi_jax import sharding
@@ -34,6 +32,7 @@ from mmi_jax.models.mm_interleaved import (DiffusionInputs, MMInterleaved, examp
                                            text_targets)
 from mmi_jax.models.multimodal_inputs import TokenIds
 import torch_model_references as model_ref
+from random_params import random_params
 
 CONFIG = tiny.get_config().model
 TOKENS = CONFIG.tokens
@@ -277,30 +276,20 @@ def reference_forward(state, text_ids, attention_mask, images, decoder_images, s
 # The JAX side.
 
 
-def random_params(abstract, seed=0):
-  """Random params of the boxed `abstract` tree with every part active: fan-in-scaled kernels,
-  norm scales off 1, non-zero biases, gates, zero-initialised convs and `head_new`, MMFS
-  offsets spread over a few pixels."""
-  rng = np.random.default_rng(seed)
-  params = {}
-  for path, leaf in traverse_util.flatten_dict(nn.meta.unbox(abstract)).items():
-    shape, name = leaf.shape, path[-1]
-    if name == "kernel":
-      value = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
-    elif name == "scale":
-      value = 1.0 + 0.2 * rng.standard_normal(shape)
-    elif name == "gate":
-      value = np.full(shape, 0.8)
-    elif name == "bias" and path[-2] == "sampling_offsets":
-      value = rng.uniform(-2.0, 2.0, shape)
-    elif name == "bias":
-      value = 0.1 * rng.standard_normal(shape)
-    elif name == "embedding":
-      value = rng.standard_normal(shape)
-    else:  # soi_token, queries, neg_prompt_embeds, tables, gamma, ignore_token, ...
-      value = 0.5 * rng.standard_normal(shape)
-    params[path] = jnp.asarray(value, leaf.dtype)
-  return traverse_util.unflatten_dict(params)
+def active_params(abstract, seed=0):
+  """`random_params` (every param non-zero: zero convs, `head_new`, ...) with the MMFS layers
+  fully at work: gates at 0.8 (tanh 0.66) and sampling offsets spread over +-2 pixels."""
+  rng = np.random.default_rng(seed + 1)
+
+  def activate(path, value):
+    names = [entry.key for entry in path]
+    if names[-1] == "gate":
+      return np.full_like(value, 0.8)
+    if names[-2:] == ["sampling_offsets", "bias"]:
+      return rng.uniform(-2.0, 2.0, value.shape).astype(value.dtype)
+    return value
+
+  return jax.tree_util.tree_map_with_path(activate, random_params(abstract, seed))
 
 
 def make_batch(seed=1):
@@ -352,7 +341,7 @@ def _wiring_alternatives(state, intermediates):
 @pytest.fixture(scope="module")
 def case():
   model = MMInterleaved.from_config(CONFIG)
-  params = random_params(sharding.abstract_params(model, example_batch(CONFIG)))
+  params = active_params(sharding.abstract_params(model, example_batch(CONFIG)))
   batch, diffusion = make_batch()
   validate(batch, CONFIG)
   forward = jax.jit(lambda p, b, d: model.apply({"params": p}, b, diffusion=d))
