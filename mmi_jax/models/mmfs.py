@@ -244,11 +244,13 @@ class MMFS(nn.Module):
     sizes = np.asarray(self.scale_sizes, np.float32)
     ratios = np.asarray(self.offset_scale_sizes or self.scale_sizes,
                         np.float32) / self.base_spatial_shape
-    offsets = offsets.reshape(batch, queries, num_images, heads, 1, points, 2)
-    offsets = offsets.astype(jnp.float32) * ratios[:, None, None]
-    offsets = offsets / sizes[:, None, None]  # (W_k, H_k) of square maps
-    offsets = offsets.transpose(0, 1, 3, 2, 4, 5, 6).reshape(batch, queries, heads, levels,
-                                                             points, 2)
+    # (ratio_k / W_k, ratio_k / H_k) of square maps; arrays of rank <= 5 (rank-7 transposes
+    # of this path hit an XLA CPU crash in the sharded gradient, jax 0.10).
+    per_scale = jnp.asarray(ratios / sizes)  # [K]
+    offsets = offsets.reshape(batch * queries, num_images, heads, points * 2)
+    offsets = offsets.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B * Lq, H, N, P * 2]
+    offsets = offsets[:, :, :, None, :] * per_scale[:, None]  # [B * Lq, H, N, K, P * 2]
+    offsets = offsets.reshape(batch, queries, heads, levels, points, 2)
     locations = reference_points.astype(jnp.float32)[:, :, None, None, None, :] + offsets
 
     # Attention weights: masked images, ignore slots at -log(N * K), one softmax per head.
