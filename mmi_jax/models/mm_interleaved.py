@@ -103,13 +103,13 @@ class AssemblyConfig:
         image_weight=float(model_config["loss"]["image_weight"]))
 
 
-def select_maps(maps: tuple[jax.Array, ...], sizes: tuple[int, ...], user: str) -> jax.Array:
+def select_maps(maps: tuple[jax.Array, ...], sizes: tuple[int, ...], consumer: str) -> jax.Array:
   """The maps `[N, h, w, E]` whose side is in `sizes` (in that order), flattened and
   concatenated: `[N, sum(h * w), E]`."""
   by_size = {m.shape[1]: m for m in maps}
   missing = [size for size in sizes if size not in by_size]
   if missing:
-    raise ValueError(f"{user} samples maps of sizes {sizes}, but the vision encoder makes "
+    raise ValueError(f"{consumer} samples maps of sizes {sizes}, but the vision encoder makes "
                      f"{tuple(by_size)}")
   return jnp.concatenate(
       [by_size[size].reshape(by_size[size].shape[0], -1, by_size[size].shape[-1])

@@ -34,7 +34,7 @@ import numpy as np
 
 from mmi_jax import sharding
 from mmi_jax.models.clip_vision import CLIPVisionTransformer, remat_layer
-from mmi_jax.models.conv import Conv2d, ConvTranspose2d
+from mmi_jax.models.conv import Conv2d, ConvTranspose2d, DepthwiseConv2d
 from mmi_jax.models.deformable_attention import MultiScaleDeformableAttention
 from mmi_jax.models.linear import Linear
 from mmi_jax.models.norms import LayerNorm
@@ -133,9 +133,8 @@ class DepthwiseConvPerScale(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    conv = Conv2d(self.features, 3, padding=1, groups=self.features, in_features=self.features,
-                  kernel_axes=(None, "mlp"), dtype=self.dtype, param_dtype=self.param_dtype,
-                  precision=self.precision, name="dwconv")
+    conv = DepthwiseConv2d(self.features, 3, padding=1, kernel_axes="mlp", dtype=self.dtype,
+                           param_dtype=self.param_dtype, name="dwconv")
     return flatten_maps([conv(m) for m in split_maps(tokens, self.spatial_shapes)])
 
 
