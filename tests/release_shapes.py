@@ -6,25 +6,19 @@ import json
 import pathlib
 
 import flax.linen as nn
-import numpy as np
 from flax import traverse_util
 
-from mmi_jax.convert.diffusers import diffusers_key
-from mmi_jax.convert.torch_names import to_torch_layout, torch_name
+from mmi_jax.convert import release
+from mmi_jax.convert.torch_names import torch_name
 
 SHAPES_13B = pathlib.Path(__file__).resolve().parents[2] / "shared" / "shapes_13b.json"
 
 
 def release_name_and_shape(path, shape, prefix=""):
-  """The release's key and shape for a Flax param: the `torch_names` rule plus the names
-  outside it (MMFS's `query_relpos` embedding and 4-D `ignore_token`, diffusers'
-  `time_embedding.linear_1`)."""
-  if path[-1] == "query_relpos":
-    return torch_name(path, prefix) + ".weight", shape
-  if path[-1] == "ignore_token":
-    return torch_name(path, prefix), (1, 1, 1) + shape
-  key = diffusers_key(torch_name(path, prefix))
-  return key, tuple(to_torch_layout(path, np.empty(shape, np.int8)).shape)
+  """The release's key and shape for a Flax param of a component under `prefix`
+  (`convert.release`'s naming exceptions: MMFS's `query_relpos` and 4-D `ignore_token`,
+  diffusers' `time_embedding.linear_1`)."""
+  return release.release_key_of_rule(torch_name(path, prefix)), release.release_shape(path, shape)
 
 
 def release_shapes_of(abstract_params, prefix=""):

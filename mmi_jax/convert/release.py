@@ -56,8 +56,6 @@ BUFFER_PATTERNS = (
     r"^visual_tokenizer\.clip_(mean|std)$",
     r"^visual_tokenizer\.encoder\.vision_model\.embeddings\.position_ids$",
 )
-# Kept for callers that load the visual tokenizer alone.
-VISUAL_TOKENIZER_BUFFERS = BUFFER_PATTERNS
 
 
 def release_key(key: str, renames=VISUAL_TOKENIZER_RENAMES) -> str:
@@ -71,7 +69,7 @@ def release_key(key: str, renames=VISUAL_TOKENIZER_RENAMES) -> str:
 def release_key_of_rule(key: str) -> str:
   """The release's key for the whole model's key built by the `torch_names` rule."""
   key = release_key(diffusers_key(key))
-  return key + ".weight" if key.endswith(".query_relpos") else key
+  return key + ".weight" if key.split(".")[-1] == "query_relpos" else key
 
 
 def release_name(path: Sequence[str]) -> str:
@@ -84,6 +82,11 @@ def to_release_layout(path: Sequence[str], array: np.ndarray) -> np.ndarray:
   if path[-1] == "ignore_token":
     return array.reshape((1, 1, 1) + array.shape)
   return to_torch_layout(path, array)
+
+
+def release_shape(path: Sequence[str], shape: Sequence[int]) -> tuple[int, ...]:
+  """The release's shape of the param at `path` with mmi_jax shape `shape`."""
+  return tuple(to_release_layout(path, np.broadcast_to(np.int8(0), tuple(shape))).shape)
 
 
 def from_release_layout(path: Sequence[str], tensor: np.ndarray) -> np.ndarray:
@@ -140,8 +143,7 @@ def expected_shapes(model_config: Mapping[str, Any]) -> dict[str, tuple[int, ...
   """`{release key: shape}` of everything `save` writes for this config (params and buffers),
   computed with `jax.eval_shape`."""
   flat = traverse_util.flatten_dict(nn.meta.unbox(abstract_params(model_config)))
-  shapes = {release_name(path): tuple(to_release_layout(
-      path, np.broadcast_to(np.int8(0), leaf.shape)).shape) for path, leaf in flat.items()}
+  shapes = {release_name(path): release_shape(path, leaf.shape) for path, leaf in flat.items()}
   shapes.update({key: value.shape for key, value in buffers(model_config).items()})
   return shapes
 
@@ -243,5 +245,6 @@ def visual_tokenizer_params(abstract: Any, tensors: Mapping[str, Any], *,
 
 
 __all__ = ["BUFFER_PATTERNS", "abstract_params", "buffers", "build_model", "expected_shapes",
-           "from_release_layout", "load", "release_key", "release_name", "save",
-           "state_dict_items", "to_release_layout", "visual_tokenizer_params"]
+           "from_release_layout", "load", "release_key", "release_key_of_rule", "release_name",
+           "release_shape", "save", "state_dict_items", "to_release_layout",
+           "visual_tokenizer_params"]
