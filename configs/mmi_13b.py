@@ -197,29 +197,69 @@ def get_config() -> ml_collections.ConfigDict:
   # SPEC 1: total loss = text_weight * loss_txt + image_weight * loss_img.
   model.loss = dict(text_weight=1.0, image_weight=10.0)
 
-  # SPEC 9: pre-training recipe.
+  # SPEC 9: pre-training recipe (the release's HF Trainer arguments, mm_pretrain.yaml).
   config.train = dict(
       steps=15000,
       warmup_steps=1000,
-      schedule="cosine",
+      schedule="cosine",  # HF get_cosine_schedule_with_warmup: linear warm-up, cosine to 0
       learning_rate=1e-4,
       adam_b1=0.9,
       adam_b2=0.995,
       adam_eps=1e-6,
       weight_decay=0.05,
+      max_grad_norm=1.0,  # code: HF Trainer's default clipping of the global gradient norm
+      gradient_accumulation_steps=1,
       # (parameter-name pattern, learning rate, weight decay or None for the default); first
-      # match wins, as in the release.
+      # match wins, as in the release. Patterns are substrings of the release's state-dict
+      # names. Biases and LayerNorm params get no weight decay in any group (HF Trainer).
       param_groups=(
           ("llama_cross_attn.gate", 1e-4, 0.0),
           ("sampling_offsets", 1e-5, 0.0),
           ("llama_cross_attn", 1e-4, None),
           ("image_decoder.decoder.unet", 1e-5, None),
       ),
+      # Regexes over '/'-joined param paths: `unfreeze` trains params the release freezes
+      # (SPEC 9), `freeze` freezes more. Empty: exactly the release's trainable set.
+      unfreeze=(),
+      freeze=(),
+      remat_policy="",  # "": none; else a jax.checkpoint_policies name ("nothing_saveable")
+      attention_implementation="",  # "": JAX's choice for the platform; "xla", "cudnn"
+      init_checkpoint="",  # a release checkpoint (`convert.release.load`) to start from
+      # Demos without SD's pretrained VAE fit the (frozen) VAE as an autoencoder on the
+      # training pictures first (`mmi_jax.train.vae_fit`); 0 steps: keep it as initialised
+      # or loaded.
+      vae_fit=dict(steps=0, batch_size=16, learning_rate=1e-3, kl_weight=1e-6),
+      log_every=10,  # steps between log lines and TensorBoard scalars
+      eval_every=1000,  # steps between held-out evaluations (0: only at the end)
+      checkpoint_every=1000,  # steps between asynchronous Orbax saves
+      keep_checkpoints=5,  # the last K are kept
   )
 
-  # SPEC 2: data layout.
+  # SPEC 2: data layout. The default data is the built-in generator of interleaved documents
+  # of simple pictures (`mmi_jax.data.shapes`), rendered at the model's image sizes.
   config.data = dict(
+      dataset="shapes",
       max_images_per_sequence=30,  # image-text pairs; 15 for interleaved web documents
+      batch_size=2,  # global rows (sequences) per optimizer step and micro-batch
+      sequence_length=2048,  # tokens per row
+      documents_per_row=1,  # documents packed into each row
+      seed=0,  # shuffling and generation of the training documents
+      train_documents=1_000_000,  # size of the training split (documents)
+      held_out_documents=512,  # size of the held-out split
+  )
+
+  # Multi-host: `jax.distributed.initialize` before anything else when `initialize` (empty
+  # fields: auto-detected on TPU pods, SLURM and the like).
+  config.distributed = dict(initialize=False, coordinator_address="", num_processes=0,
+                            process_id=-1)
+
+  # Held-out evaluation of the training command.
+  config.eval = dict(
+      caption_documents=64,  # single-image documents whose caption is decoded greedily
+      max_caption_tokens=16,
+      generation_documents=16,  # captions whose picture is generated
+      generation_steps=30,
+      guidance_scale=7.5,
   )
 
   # SPEC 10: interleaved inference.

@@ -282,24 +282,10 @@ class MMInterleaved(nn.Module):
       `image_loss_weight [N]` (1 where an image counts).
     """
     assembly = self.assembly
-    text_ids, attention_mask = batch.text_ids, batch.attention_mask
-    num_sequences = text_ids.shape[0]
-    sequence_ids = batch.image_sequence_ids.astype(jnp.int32)
-    image_valid = batch.image_valid.astype(bool)
-    slots = self.image_slots or batch.num_image_slots
-
-    visual = self.visual_tokenizer(batch.images, deterministic=deterministic)
-    maps = visual["multiscale_features"]
-    image_embeds, slot_mask = mm_inputs.images_per_sequence(
-        visual["vis_embed"], sequence_ids, image_valid, num_sequences, slots)
-    llm_features, _ = mm_inputs.images_per_sequence(
-        select_maps(maps, assembly.llm_scale_sizes, "the LLM's MMFS"), sequence_ids,
-        image_valid, num_sequences, slots)
-    language = self.language(text_ids, attention_mask, image_embeds, llm_features, slot_mask)
-    logits, hidden_states = language["logits"], language["hidden_states"]
-
-    targets = text_targets(text_ids, attention_mask, assembly.tokens, batch.prompt_offsets,
-                           batch.ignore_noimage_text)
+    visual, language = self._read(batch, deterministic)
+    logits = language["logits"]
+    targets = text_targets(batch.text_ids, batch.attention_mask, assembly.tokens,
+                           batch.prompt_offsets, batch.ignore_noimage_text)
     loss_txt, num_targets = text_loss(logits, targets)
     outputs = {"logits": logits, "text_targets": targets, "num_text_targets": num_targets,
                "loss_txt": loss_txt}
@@ -308,6 +294,58 @@ class MMInterleaved(nn.Module):
       outputs.update(loss_img=jnp.zeros((), jnp.float32), loss=assembly.text_weight * loss_txt)
       return outputs
 
+    inputs = self._decoder_inputs(batch, visual, language["hidden_states"])
+    diffusion = diffusion or DiffusionInputs()
+    decoder_images = batch.images if batch.decoder_images is None else batch.decoder_images
+    if rng is None and self.is_initializing():
+      rng = self.make_rng("params")
+    image_outputs = self.image_decoder(
+        decoder_images, inputs["context"], inputs["context_mask"], inputs["mmfs_features"],
+        inputs["mmfs_mask"], batch.image_loss_mask, batch.image_valid.astype(bool), rng=rng,
+        latent_noise=diffusion.latent_noise, noise=diffusion.noise,
+        timesteps=diffusion.timesteps, uncond_mask=diffusion.uncond_mask)
+    loss_img = image_outputs["loss"]
+    outputs.update(loss_img=loss_img, per_image_loss=image_outputs["per_image_loss"],
+                   image_loss_weight=image_outputs["loss_weight"],
+                   loss=assembly.text_weight * loss_txt + assembly.image_weight * loss_img)
+    return outputs
+
+  def image_decoder_inputs(self, batch: Batch) -> dict[str, jax.Array]:
+    """What the image decoder sees for each image slot, to generate the slot's image (its soi
+    and everything before it must be in `batch`; the slot's own pixels are not used).
+
+    Returns:
+      `context [N, max_context_length, D]`, `context_mask [N, max_context_length]`,
+      `mmfs_features [N, 1, S, E]` (the previous image's maps) and `mmfs_mask [N, 1]`.
+    """
+    visual, language = self._read(batch, True)
+    return self._decoder_inputs(batch, visual, language["hidden_states"])
+
+  def _read(self, batch: Batch, deterministic: bool) -> tuple[dict, dict]:
+    """Steps 1-2: the visual tokenizer on every image slot, then the LLM."""
+    assembly = self.assembly
+    num_sequences = batch.text_ids.shape[0]
+    sequence_ids = batch.image_sequence_ids.astype(jnp.int32)
+    image_valid = batch.image_valid.astype(bool)
+    slots = self.image_slots or batch.num_image_slots
+    visual = self.visual_tokenizer(batch.images, deterministic=deterministic)
+    image_embeds, slot_mask = mm_inputs.images_per_sequence(
+        visual["vis_embed"], sequence_ids, image_valid, num_sequences, slots)
+    llm_features, _ = mm_inputs.images_per_sequence(
+        select_maps(visual["multiscale_features"], assembly.llm_scale_sizes, "the LLM's MMFS"),
+        sequence_ids, image_valid, num_sequences, slots)
+    language = self.language(batch.text_ids, batch.attention_mask, image_embeds, llm_features,
+                             slot_mask)
+    return visual, language
+
+  def _decoder_inputs(self, batch: Batch, visual: dict, hidden_states: jax.Array
+                      ) -> dict[str, jax.Array]:
+    """Steps 4-5: each image's context and its previous image's maps."""
+    assembly = self.assembly
+    text_ids, attention_mask = batch.text_ids, batch.attention_mask
+    num_sequences = text_ids.shape[0]
+    sequence_ids = batch.image_sequence_ids.astype(jnp.int32)
+    image_valid = batch.image_valid.astype(bool)
     soi_positions, ranks = image_soi_positions(text_ids, attention_mask, sequence_ids,
                                                image_valid, assembly.tokens.soi)
     if batch.context_starts is None:
@@ -325,24 +363,12 @@ class MMInterleaved(nn.Module):
                        f"{assembly.context_pos_length} rows of the context position table")
     table = sincos_1d(context.shape[-1], np.arange(assembly.max_context_length))
     context = self.context_feat_proj(context) + jnp.asarray(table, context.dtype)
-
     previous, visible = previous_image(sequence_ids, ranks, image_valid, soi_positions,
                                        context_starts)
-    decoder_features = select_maps(maps, assembly.decoder_scale_sizes, "the MMFS net")
-    diffusion = diffusion or DiffusionInputs()
-    decoder_images = batch.images if batch.decoder_images is None else batch.decoder_images
-    if rng is None and self.is_initializing():
-      rng = self.make_rng("params")
-    image_outputs = self.image_decoder(
-        decoder_images, context, context_mask, decoder_features[previous][:, None],
-        visible[:, None], batch.image_loss_mask, image_valid, rng=rng,
-        latent_noise=diffusion.latent_noise, noise=diffusion.noise,
-        timesteps=diffusion.timesteps, uncond_mask=diffusion.uncond_mask)
-    loss_img = image_outputs["loss"]
-    outputs.update(loss_img=loss_img, per_image_loss=image_outputs["per_image_loss"],
-                   image_loss_weight=image_outputs["loss_weight"],
-                   loss=assembly.text_weight * loss_txt + assembly.image_weight * loss_img)
-    return outputs
+    decoder_features = select_maps(visual["multiscale_features"], assembly.decoder_scale_sizes,
+                                   "the MMFS net")
+    return {"context": context, "context_mask": context_mask,
+            "mmfs_features": decoder_features[previous][:, None], "mmfs_mask": visible[:, None]}
 
 
 def frozen_param_patterns(model_config: Mapping[str, Any]) -> tuple[str, ...]:

@@ -3,7 +3,10 @@
 `flax.linen.LayerNorm` with two settings changed to mirror PyTorch: the variance is computed
 two-pass (`E[(x - mean)^2]`, as torch does, not `E[x^2] - mean^2`), and the scale and bias
 carry a logical axis name for sharding. Param names stay Flax's (`scale`, `bias`); conversion
-maps `scale` to torch's `weight`.
+maps `scale` to torch's `weight`. `ChannelsFirstLayerNorm` is the same computation under a
+distinct class, for the ViT-Adapter's own `LayerNorm` module, which is not a
+`torch.nn.LayerNorm` (the optimizer tells the two apart: HF Trainer exempts only
+`torch.nn.LayerNorm` params from weight decay).
 
 `GroupNorm` is `torch.nn.GroupNorm` on channels-last maps (two-pass variance, float32
 statistics); Flax groups contiguous channels exactly as torch does.
@@ -21,8 +24,16 @@ import jax
 import jax.numpy as jnp
 
 
+class ChannelsFirstLayerNorm(nn.LayerNorm):
+  """The ViT-Adapter's `LayerNorm(data_format="channels_first")` (`adapter_modules.py`, the
+  spatial prior module's norms): the release's own `nn.Module`, normalizing dim 1 of NCHW maps.
+  mmi_jax's maps are channels-last, so the computation is `nn.LayerNorm`'s over the last axis;
+  the class differs only so that the module type records which torch class it mirrors."""
+
+
 def LayerNorm(*, epsilon: float, axis_name: str | None, dtype: Any = None,  # noqa: N802
-              param_dtype: Any = jnp.float32, name: str | None = None) -> nn.LayerNorm:
+              param_dtype: Any = jnp.float32, name: str | None = None,
+              module_class: type[nn.LayerNorm] = nn.LayerNorm) -> nn.LayerNorm:
   """A LayerNorm over the last axis whose statistics are computed in float32.
 
   Args:
@@ -32,8 +43,9 @@ def LayerNorm(*, epsilon: float, axis_name: str | None, dtype: Any = None,  # no
       (the ViT-Adapter's channels-first LayerNorm).
     param_dtype: storage dtype of scale and bias.
     name: the module name (torch's attribute name).
+    module_class: `nn.LayerNorm` (mirrors `torch.nn.LayerNorm`) or `ChannelsFirstLayerNorm`.
   """
-  return nn.LayerNorm(
+  return module_class(
       epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axis_name,)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis_name,)),

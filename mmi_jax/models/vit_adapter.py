@@ -37,7 +37,7 @@ from mmi_jax.models.clip_vision import CLIPVisionTransformer, remat_layer
 from mmi_jax.models.conv import Conv2d, ConvTranspose2d, DepthwiseConv2d
 from mmi_jax.models.deformable_attention import MultiScaleDeformableAttention
 from mmi_jax.models.linear import Linear
-from mmi_jax.models.norms import LayerNorm
+from mmi_jax.models.norms import ChannelsFirstLayerNorm, LayerNorm
 from mmi_jax.ops.resize import resize
 
 SpatialShapes = tuple[tuple[int, int], ...]
@@ -80,9 +80,9 @@ class SpatialPriorModule(nn.Module):
   """The release's `SpatialPriorModule`: a conv stem and three stride-2 stages.
 
   Each conv is followed by a LayerNorm over channels computed in float32 (the release's
-  channels-first `LayerNorm`, eps 1e-6) and ReLU; the stem ends with a 3x3/2 max-pool.
-  `[B, S, S, 3]` -> c1 `[B, S/4, S/4, D]` and c2, c3, c4 as tokens `[B, (S/8)^2 | (S/16)^2 |
-  (S/32)^2, D]`.
+  channels-first `LayerNorm`, eps 1e-6: `ChannelsFirstLayerNorm`) and ReLU; the stem ends with
+  a 3x3/2 max-pool. `[B, S, S, 3]` -> c1 `[B, S/4, S/4, D]` and c2, c3, c4 as tokens
+  `[B, (S/8)^2 | (S/16)^2 | (S/32)^2, D]`.
   """
 
   inplanes: int = 64
@@ -100,7 +100,8 @@ class SpatialPriorModule(nn.Module):
       x = Conv2d(features, 3, stride=stride, padding=1, use_bias=False,
                  in_features=x.shape[-1], name=conv_name, **kw)(x)
       normed = LayerNorm(epsilon=self.layer_norm_eps, axis_name=None, dtype=jnp.float32,
-                         param_dtype=self.param_dtype, name=norm_name)(x)
+                         param_dtype=self.param_dtype, name=norm_name,
+                         module_class=ChannelsFirstLayerNorm)(x)
       return jax.nn.relu(normed.astype(x.dtype))
 
     x = conv_norm_relu(images, self.inplanes, 2, "stem_0", "stem_1")

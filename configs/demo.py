@@ -1,0 +1,70 @@
+"""The main job's built-in default: MM-Interleaved learning the built-in shapes documents on a CPU.
+
+`python -m mmi_jax.train --config=configs/demo.py --workdir=/tmp/demo` trains the released
+architecture (every component, the MMFS layers in the LLM and the UNet included) at a size a
+2-core CPU trains in minutes, on `mmi_jax.data.shapes`: pictures of a coloured shape on a plain
+background with captions, alone or in documents of 2-3 images where a later image depends on
+an earlier one ("the same shape, now in green").
+
+What differs from the release's recipe, and why:
+  * Nothing pretrained can be downloaded here, so the parts the release takes frozen from
+    Vicuna and CLIP (the LLM, its text head, the ViT trunk) are trained from scratch
+    (`train.unfreeze`).
+  * SD's pretrained VAE is replaced by fitting the (otherwise frozen) VAE as an autoencoder on
+    the training pictures before training starts (`train.vae_fit`); the diffusion loss then
+    trains on its latents exactly as the release trains on SD's.
+  * A higher learning rate and a short schedule; one group of learning rates for all, since
+    the release's lower rates for the UNet and the sampling offsets assume pretrained weights
+    and 15000 steps.
+"""
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+
+def _tiny_config() -> ml_collections.ConfigDict:
+  path = pathlib.Path(__file__).with_name("tiny.py")
+  spec = importlib.util.spec_from_file_location("tiny_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = _tiny_config()
+  config.name = "demo"
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  model = config.model
+  model.dtype = "float32"  # bfloat16 is slow on CPUs
+
+  # The shapes tokenizer's words (mmi_jax.data.tokenizer) fit in 64 ids; + soi + <|image|>.
+  model.tokens.update(text_vocab_size=64, vocab_size=66, pad_id=0, soi_id=64, image_id=65,
+                      tokens_per_image=8, max_sequence_length=64)
+
+  # 4 ViT layers, one per interaction block (the release: 24 in blocks of 6).
+  model.vision_encoder.update(num_layers=4)
+  model.vision_adapter.interaction_indexes = ((0, 0), (1, 1), (2, 2), (3, 3))
+  model.llm.update(num_layers=4, max_position_embeddings=64)  # MMFS in layer 0
+  model.image_decoder.update(context_pos_length=64, max_context_length=64)
+  # One resnet per UNet level (the release: 2), so the MMFS net has 1 + 2 + 2 + 2 + 1 blocks
+  # on the skips (the release: 12) and one on the mid block.
+  model.image_decoder.unet.layers_per_block = 1
+  model.image_decoder.mmfs.base_spatial_shapes = (8, 8, 8, 4, 4, 2, 2, 1)
+  model.image_decoder.vae.layers_per_block = 1
+
+  # One document per row: at most 3 pictures and 59 tokens.
+  config.data.update(batch_size=4, sequence_length=64, documents_per_row=1,
+                     max_images_per_sequence=3, train_documents=100_000,
+                     held_out_documents=64)
+
+  train = config.train
+  train.update(steps=1000, warmup_steps=50, learning_rate=1e-3, weight_decay=0.05,
+               log_every=25, eval_every=500, checkpoint_every=250, keep_checkpoints=2)
+  train.vae_fit.update(steps=300, batch_size=16, learning_rate=2e-3, kl_weight=1e-3)
+  model.image_decoder.vae.scaling_factor = 1.0  # the fitted latents' scale is about 1
+  config.eval.update(caption_documents=64, generation_documents=16, generation_steps=30)
+  train.param_groups = ()
+  train.unfreeze = (r"^mm_decoder/", r"^text_decoder/head/", r"^visual_tokenizer/encoder/")
+  return config

@@ -1,0 +1,1 @@
+"""Training: the optimizer, train state and step, checkpoints, evaluation and the CLI."""

@@ -1,0 +1,192 @@
+"""Held-out evaluation of the training command on the built-in shapes documents.
+
+  * Caption accuracy: each held-out document's first picture is shown as `<s> soi <|image|>...`
+    and the model decodes greedily (KV cache, MMFS active: `mmi_jax.decoding.greedy_decode`)
+    until `</s>` or soi; a caption counts when its words equal the picture's caption exactly.
+    Per-attribute accuracies (shape, colour, background word) are reported too.
+  * Picture colour: the model draws the picture for `<s> caption soi` (the release's
+    inference: the LLM's hidden states up to the soi condition the image decoder, sampled with
+    classifier-free guidance, `mmi_jax.image_generation`); it counts when the colour most of the
+    shape's pixels are nearest to is the caption's (`shapes.classify_colour`).
+
+`Evaluator` compiles each function once; its calls are collective (every process of a
+multi-host run calls them with the same held-out data, replicated).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from PIL import Image
+
+from mmi_jax import decoding, image_generation, sharding
+from mmi_jax.batch import Batch
+from mmi_jax.data import packing, shapes
+from mmi_jax.data.tokenizer import shapes_tokenizer
+from mmi_jax.models import multimodal_inputs as mm_inputs
+from mmi_jax.models.mm_interleaved import MMInterleaved, select_maps
+
+
+def held_out_scenes(config: Any, count: int) -> list[shapes.Scene]:
+  """The first picture of each of the first `count` held-out documents."""
+  return [shapes.make_document("held_out", index, seed=config.data.seed).scenes[0]
+          for index in range(count)]
+
+
+def caption_words(ids: np.ndarray, tokenizer: Any, tokens: mm_inputs.TokenIds) -> str:
+  """Decoded ids up to the first `</s>` or soi."""
+  ids = [int(i) for i in ids]
+  for stop in (tokens.eos, tokens.soi):
+    if stop in ids:
+      ids = ids[:ids.index(stop)]
+  return tokenizer.decode(ids)
+
+
+def image_grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
+  """Pictures `[H, W, 3]` (uint8) laid out in rows, on white."""
+  height, width = rows[0][0].shape[:2]
+  columns = max(len(row) for row in rows)
+  grid = np.full((len(rows) * (height + pad) + pad, columns * (width + pad) + pad, 3), 255,
+                 np.uint8)
+  for r, row in enumerate(rows):
+    for c, picture in enumerate(row):
+      top, left = pad + r * (height + pad), pad + c * (width + pad)
+      grid[top:top + height, left:left + width] = picture
+  return grid
+
+
+class Evaluator:
+  """Caption accuracy and picture colour on held-out documents, for one model and mesh."""
+
+  def __init__(self, config: Any, model: MMInterleaved, mesh: jax.sharding.Mesh):
+    self.config, self.model, self.mesh = config, model, mesh
+    self.tokens = mm_inputs.TokenIds.from_config(config.model.tokens)
+    self.tokenizer = shapes_tokenizer(config.model.tokens.text_vocab_size)
+    evaluation = config.eval
+    self.caption_scenes = held_out_scenes(config, evaluation.caption_documents)
+    self.generation_scenes = held_out_scenes(config, evaluation.generation_documents)
+    self._replicated = NamedSharding(mesh, PartitionSpec())
+
+  def _put(self, tree: Any) -> Any:
+    """Host arrays, identical on every process, as replicated global arrays."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(self._replicated, np.asarray(x)), tree)
+
+  # --- captions --------------------------------------------------------------------------
+
+  def caption_prompts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(token_ids [B, 2 + T], images [B, Hv, Wv, 3], expected captions)`."""
+    size = self.config.model.vision_encoder.image_size
+    prompt = [self.tokens.bos, self.tokens.soi] + [self.tokens.image] * self.tokens.tokens_per_image
+    ids = np.tile(np.asarray(prompt, np.int32), (len(self.caption_scenes), 1))
+    images = np.stack([shapes.render(scene, size) for scene in self.caption_scenes])
+    return ids, images.astype(np.float32) / 255, [shapes.caption_of(s) for s in
+                                                   self.caption_scenes]
+
+  @functools.cached_property
+  def _decode_captions(self):
+    model, tokens = self.model, self.tokens
+    steps = int(self.config.eval.max_caption_tokens)
+
+    def decode(params, ids, images):
+      visual = model.visual_tokenizer.apply({"params": params["visual_tokenizer"]}, images)
+      image_embeds = visual["vis_embed"][:, None]
+      features = select_maps(visual["multiscale_features"], model.assembly.llm_scale_sizes,
+                             "the LLM's MMFS")[:, None]
+      slot_mask = jnp.ones((ids.shape[0], 1), bool)
+      generated, _ = decoding.greedy_decode(
+          model.language, params, ids, jnp.ones_like(ids), image_embeds, features, slot_mask,
+          steps=steps, max_length=ids.shape[1] + steps)
+      return generated
+
+    del tokens
+    return jax.jit(decode, out_shardings=self._replicated)
+
+  def captions(self, params: Any) -> dict[str, Any]:
+    """Greedy captions of the held-out pictures and their accuracy."""
+    ids, images, expected = self.caption_prompts()
+    with sharding.use_mesh(self.mesh):
+      generated = np.asarray(self._decode_captions(params, *self._put((ids, images))))
+    predicted = [caption_words(row, self.tokenizer, self.tokens) for row in generated]
+    exact = [p == e for p, e in zip(predicted, expected)]
+    results = {"caption_accuracy": float(np.mean(exact))}
+    for attribute in ("shape", "colour", "background"):
+      hits = [getattr(scene, attribute) in p.split()
+              for scene, p in zip(self.caption_scenes, predicted)]
+      results[f"caption_{attribute}_accuracy"] = float(np.mean(hits))
+    results["examples"] = [{"expected": e, "predicted": p}
+                           for e, p in list(zip(expected, predicted))[:8]]
+    return results
+
+  # --- pictures --------------------------------------------------------------------------
+
+  def generation_batch(self) -> Batch:
+    """One row per caption: `<s> caption soi <|image|>...</s>` with a placeholder picture."""
+    documents = [shapes.Document(segments=(shapes.caption_of(scene), scene), scenes=(scene,),
+                                 changes=()) for scene in self.generation_scenes]
+    length = max(len(packing.document_tokens(d, self.tokenizer, self.tokens)[0])
+                 for d in documents)
+    batch, stats = packing.pack_rows(documents, rows=len(documents), sequence_length=length,
+                                     images_per_row=1, model_config=self.config.model,
+                                     tokenizer=self.tokenizer, documents_per_row=1)
+    if stats["skipped"]:
+      raise ValueError(f"generation prompts could not be packed: {stats}")
+    # The picture to draw is unknown to the model: its pixels are a blank placeholder.
+    return batch.replace(images=np.zeros_like(batch.images),
+                         decoder_images=np.zeros_like(batch.decoder_images))
+
+  @functools.cached_property
+  def _generate(self):
+    model, evaluation = self.model, self.config.eval
+
+    def generate(params, batch, rng):
+      inputs = model.apply({"params": params}, batch, method=MMInterleaved.image_decoder_inputs)
+      return image_generation.generate_images(
+          model.image_decoder, params["image_decoder"], inputs["context"],
+          inputs["context_mask"], inputs["mmfs_features"], inputs["mmfs_mask"], rng,
+          num_steps=int(evaluation.generation_steps),
+          guidance_scale=float(evaluation.guidance_scale),
+          sampler=self.config.generate.sampler)
+
+    return jax.jit(generate, out_shardings=self._replicated)
+
+  def pictures(self, params: Any, rng: jax.Array) -> tuple[dict[str, Any], np.ndarray]:
+    """Generated pictures of held-out captions: colour accuracy and a grid (uint8), each row
+    the real picture then the generated one."""
+    batch = self.generation_batch()
+    with sharding.use_mesh(self.mesh):
+      images = np.asarray(self._generate(params, self._put(batch), rng))
+    generated = (images * 255).round().astype(np.uint8)
+    size = generated.shape[1]
+    hits, rows = [], []
+    for scene, picture in zip(self.generation_scenes, generated):
+      hits.append(shapes.classify_colour(picture, scene.background) == scene.colour)
+      rows.append([shapes.render(scene, size), picture])
+    pairs_per_row = 4
+    grid_rows = [sum(rows[i:i + pairs_per_row], []) for i in range(0, len(rows), pairs_per_row)]
+    results = {"picture_colour_accuracy": float(np.mean(hits)),
+               "picture_captions": [shapes.caption_of(s) for s in self.generation_scenes]}
+    return results, image_grid(grid_rows)
+
+  def __call__(self, params: Any, rng: jax.Array, step: int, workdir: str | None
+               ) -> dict[str, Any]:
+    """Both evaluations; writes the picture grid to `workdir/samples/step_<step>.png`."""
+    results = self.captions(params)
+    if self.model.image_decoder is not None and self.generation_scenes:
+      pictures, grid = self.pictures(params, rng)
+      results.update(pictures)
+      if workdir is not None and jax.process_index() == 0:
+        directory = os.path.join(workdir, "samples")
+        os.makedirs(directory, exist_ok=True)
+        results["picture_grid"] = os.path.join(directory, f"step_{step:06d}.png")
+        Image.fromarray(grid).save(results["picture_grid"])
+    return results
+
+
+__all__ = ["Evaluator", "caption_words", "held_out_scenes", "image_grid"]

@@ -1,0 +1,88 @@
+"""Fitting the image decoder's VAE as an autoencoder, for runs without SD's pretrained VAE.
+
+The release takes Stable Diffusion's VAE as it is and never trains it. Where those weights
+cannot be had (the built-in demo, no download), a random VAE would make the diffusion loss
+train on latents that decode to nothing; so the training command first fits the VAE on the
+training pictures, as SD's VAE was fitted (reconstruction plus a small KL term towards the
+standard normal, on latent samples), and then keeps it frozen, exactly as the release does.
+`config.train.vae_fit.steps = 0` (the default) skips this.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mmi_jax.data import shapes
+from mmi_jax.models.vae import AutoencoderKL, VAEConfig
+
+
+def training_pictures(config: Any, batch_size: int, seed: int = 0) -> Iterator[np.ndarray]:
+  """Batches `[batch_size, Hd, Wd, 3]` in [0, 1] of the training documents' pictures."""
+  size = config.model.image_decoder.image_size
+  index = 0
+  while True:
+    pictures = []
+    while len(pictures) < batch_size:
+      document = shapes.make_document("train", index, seed=config.data.seed + seed)
+      pictures += [shapes.render(scene, size) for scene in document.scenes]
+      index += 1
+    yield np.stack(pictures[:batch_size]).astype(np.float32) / 255
+
+
+def fit_vae(config: Any, vae_params: Any, rng: jax.Array,
+            log: Callable[[str], None] = print) -> tuple[Any, dict[str, float]]:
+  """`config.train.vae_fit.steps` Adam steps on `|decode(sample) - x|^2 + kl_weight * KL`.
+
+  Args:
+    config: the whole config (`train.vae_fit`: steps, batch_size, learning_rate, kl_weight;
+      `model.image_decoder.vae`).
+    vae_params: the VAE's params (`params["image_decoder"]["decoder"]["vae"]`).
+    rng: draws the latent samples.
+  Returns:
+    `(params, stats)`: the fitted params (float32 host arrays) and the last reconstruction
+    error and latent standard deviation.
+  """
+  fit = config.train.vae_fit
+  vae = AutoencoderKL(VAEConfig.from_config(config.model.image_decoder.vae))
+  optimizer = optax.adam(float(fit.learning_rate))
+  kl_weight = float(fit.kl_weight)
+
+  def loss_fn(params, images, noise):
+    pixels = images * 2.0 - 1.0
+    mean, logvar = vae.apply({"params": params}, pixels, method=AutoencoderKL.encode_distribution)
+    latents = mean + jnp.exp(0.5 * logvar) * noise
+    reconstruction = vae.apply({"params": params}, latents, method=AutoencoderKL.decode)
+    error = jnp.mean(jnp.square(reconstruction - pixels))
+    kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+    return error + kl_weight * kl, (error, jnp.std(mean))
+
+  @jax.jit
+  def step(params, opt_state, images, rng):
+    noise_shape = jax.eval_shape(
+        lambda p, x: vae.apply({"params": p}, x, method=AutoencoderKL.encode), params,
+        images).shape
+    noise = jax.random.normal(rng, noise_shape, jnp.float32)
+    (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, images, noise)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, aux
+
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), jax.device_get(vae_params))
+  opt_state = optimizer.init(params)
+  pictures = training_pictures(config, int(fit.batch_size))
+  error = latent_std = float("nan")
+  for index in range(int(fit.steps)):
+    params, opt_state, (error, latent_std) = step(params, opt_state, next(pictures),
+                                                  jax.random.fold_in(rng, index))
+    if index % 100 == 0 or index == fit.steps - 1:
+      log(f"vae fit {index + 1}/{fit.steps}: reconstruction error {float(error):.5f}, "
+          f"latent std {float(latent_std):.3f}")
+  stats = {"vae_reconstruction_error": float(error), "vae_latent_std": float(latent_std)}
+  return jax.device_get(params), stats
+
+
+__all__ = ["fit_vae", "training_pictures"]
