@@ -32,9 +32,13 @@ def _tiny_config() -> ml_collections.ConfigDict:
   return module.get_config()
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  """`variant` "text_only" (`--config=configs/demo.py:text_only`): the model without its image
+  decoder, as the release without `image_decoder_config` (text loss only)."""
+  if variant not in ("", "text_only"):
+    raise ValueError(f"configs/demo.py: unknown variant {variant!r} (known: text_only)")
   config = _tiny_config()
-  config.name = "demo"
+  config.name = "demo" if not variant else f"demo_{variant}"
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
   model = config.model
   model.dtype = "float32"  # bfloat16 is slow on CPUs
@@ -67,4 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.update(caption_documents=64, generation_documents=16, generation_steps=30)
   train.param_groups = ()
   train.unfreeze = (r"^mm_decoder/", r"^text_decoder/head/", r"^visual_tokenizer/encoder/")
+  if variant == "text_only":
+    model.image_decoder = None
+    train.vae_fit.steps = 0
+    config.eval.generation_documents = 0
   return config

@@ -176,8 +176,9 @@ class Evaluator:
 
   def __call__(self, params: Any, rng: jax.Array, step: int, workdir: str | None
                ) -> dict[str, Any]:
-    """Both evaluations; writes the picture grid to `workdir/samples/step_<step>.png`."""
-    results = self.captions(params)
+    """Both evaluations (each skipped when its document count is 0); writes the picture grid
+    to `workdir/samples/step_<step>.png`."""
+    results = self.captions(params) if self.caption_scenes else {}
     if self.model.image_decoder is not None and self.generation_scenes:
       pictures, grid = self.pictures(params, rng)
       results.update(pictures)

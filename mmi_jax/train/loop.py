@@ -31,6 +31,7 @@ import numpy as np
 import tensorboardX
 from jax.experimental import multihost_utils
 
+from mmi_jax import batch as batch_lib
 from mmi_jax import sharding
 from mmi_jax.convert import release
 from mmi_jax.data import pipeline
@@ -88,6 +89,18 @@ def global_batch(local_batches: list[Any], mesh: jax.sharding.Mesh) -> Any:
       lambda x, where, shape: jax.make_array_from_process_local_data(where, np.asarray(x),
                                                                      shape.shape),
       local, shardings, shapes)
+
+
+def check_batch(batch: Any, config: Any) -> None:
+  """Refuses a host batch that does not fit the model (`mmi_jax.batch.validate`: shapes,
+  image sizes, each row's soi / `<|image|>` layout against its images). A multi-process
+  batch's sequence ids are global rows, so there it checks the shapes only (the pipeline
+  validated each process's rows before making their ids global)."""
+  if jax.process_count() == 1:
+    batch_lib.validate(batch, config.model)
+  elif batch.text_ids.shape[1] != config.data.sequence_length:
+    raise ValueError(f"batch rows have {batch.text_ids.shape[1]} tokens, config.data."
+                     f"sequence_length is {config.data.sequence_length}")
 
 
 class _Logger:
@@ -190,6 +203,7 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
     batches, skipped = [], 0
     for _ in range(accumulation):
       batch, stats = next(iterator)
+      check_batch(batch, config)
       batches.append(batch)
       skipped += stats["skipped"]
     return global_batch(batches, mesh), skipped
@@ -240,4 +254,4 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
   return results
 
 
-__all__ = ["Preemption", "global_batch", "initial_params", "train_and_evaluate"]
+__all__ = ["Preemption", "check_batch", "global_batch", "initial_params", "train_and_evaluate"]

@@ -80,7 +80,7 @@ def train_step(setup: TrainSetup, state: TrainState, batch: Batch, accumulation:
   updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   schedule = optimizer_lib.learning_rate_schedule(setup.config.train)
-  metrics.update(grad_norm=optax.global_norm(grads),
+  metrics.update(grad_norm=optax.tree.norm(grads),
                  learning_rate=setup.config.train.learning_rate * schedule(state.step))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -1,0 +1,279 @@
+"""The train step and checkpoints in one process: what trains and what stays frozen, the step
+sharded over 8 simulated devices against one device, gradient accumulation, restoring a
+checkpoint onto another mesh, and the refusals (unknown settings, another model's checkpoint).
+
+The subprocess tests (kill-and-resume through the command, two processes) are in
+test_train_command.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import demo, tiny
+from mmi_jax import sharding
+from mmi_jax.data import pipeline
+from mmi_jax.train import checkpoints as checkpoints_lib
+from mmi_jax.train import config_check, loop
+from mmi_jax.train import optimizer as optimizer_lib
+from mmi_jax.train.train_state import TrainSetup
+from mmi_jax.train.train_step import compile_train_step
+
+
+# The text-only tests train a smaller LLM (2 layers), to compile faster; the training code is
+# the same.
+LLM_LAYERS = 2
+
+
+def small_config(variant: str = "", **data):
+  config = demo.get_config(variant)
+  config.data.update(batch_size=4, **data)
+  config.train.update(steps=10, warmup_steps=1)
+  if variant == "text_only":
+    config.model.llm.num_layers = LLM_LAYERS
+  return config
+
+
+def setup_for(config, mesh_shape=(1, 1, 1)):
+  devices = jax.devices()[:int(np.prod(mesh_shape))]
+  mesh = sharding.make_mesh(mesh_shape, devices=devices)
+  data = pipeline.make_dataset(config, "train")
+  example = loop.global_batch([data[0][0]], mesh)
+  return TrainSetup.create(config, mesh, example,
+                           image_slots=pipeline.image_slots_per_row(config.data)), data, mesh
+
+
+def adam_first_moments(opt_state):
+  """`{param path: Adam's first moment}` from the optimizer state."""
+  moments = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+    if any(getattr(entry, "name", None) == "mu" for entry in path):
+      keys = [entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)]
+      moments["/".join(keys[1:])] = np.asarray(leaf)
+  return moments
+
+
+def leaves(tree):
+  """`{key path: host array}` of any pytree."""
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+
+
+def flat(tree):
+  return {"/".join(path): np.asarray(leaf)
+          for path, leaf in traverse_util.flatten_dict(jax.device_get(tree)).items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The release's trainable set on the whole model (image decoder included).
+
+
+def test_two_steps_of_the_release_s_trainable_set():
+  """The demo-sized model with exactly the release's trainable set and groups (SPEC 9): frozen
+  params stay bit-identical, trainable ones move, the optimizer state covers only trainable
+  params, and the logged learning rate follows the schedule. (One test: the model compiles
+  once.)"""
+  config = small_config()
+  config.train.unfreeze = ()
+  config.train.param_groups = tiny.get_config().train.param_groups
+  setup, data, mesh = setup_for(config)
+  state = setup.init_state(jax.random.key(0))
+  before = flat(state.all_params())
+  step = None
+  for index in range(2):
+    batch = loop.global_batch([data[index][0]], mesh)
+    step = step or compile_train_step(setup, batch)
+    state, metrics = step(state, batch)
+  check_frozen_and_trainable(config, setup, before, state, metrics)
+  check_optimizer_state_covers_only_trainable_params(state)
+  # Step index 1 (the second step) with 1 warm-up step: the full rate.
+  expected = optimizer_lib.group_learning_rates(config, 1)[optimizer_lib.DEFAULT_GROUP]
+  np.testing.assert_allclose(float(metrics["learning_rate"]), expected, rtol=1e-6)
+
+
+def check_frozen_and_trainable(config, setup, before, state, metrics):
+  after = flat(state.all_params())
+  mask = flat(setup.trainable_mask)
+  assert int(state.step) == 2 and np.isfinite(float(metrics["loss"]))
+  frozen = [path for path, trains in mask.items() if not trains]
+  trainable = [path for path, trains in mask.items() if trains]
+  assert frozen and trainable
+  for path in frozen:
+    np.testing.assert_array_equal(after[path], before[path], err_msg=path)
+  changed = {path for path in trainable if not np.array_equal(after[path], before[path])}
+  # A trainable param that did not move had no gradient in either step (Adam's first moment
+  # is zero: it sits behind a zero-initialised gate, gamma or conv) and no weight decay.
+  first_moments = adam_first_moments(state.opt_state)
+  decays = flat(optimizer_lib.weight_decay_mask(setup.model, setup.example_batch))
+  labels = flat(optimizer_lib.param_groups(setup.abstract_params, config))
+  group_decay = {label: wd for label, (_, wd) in optimizer_lib.group_settings(
+      config.train).items()}
+  for path in set(trainable) - changed:
+    assert not np.any(first_moments[path]), path
+    decayed = decays[path] and group_decay[str(labels[path])] > 0
+    assert not decayed or not np.any(before[path]), path
+  assert len(changed) > 0.5 * len(trainable)
+  # The parts SPEC 9 names: frozen ViT trunk, LLM, VAE and original head; trained adapter,
+  # MMFS, UNet, MMFS net, perceivers and projections.
+  assert not mask["visual_tokenizer/encoder/encoder/layers_0/mlp/fc1/kernel"]
+  assert not mask["mm_decoder/layers_1/mlp/gate_proj/kernel"]
+  assert not mask["image_decoder/decoder/vae/encoder/conv_in/kernel"]
+  assert not mask["text_decoder/head/kernel"]
+  for path in ("mm_decoder/layers_0/llama_cross_attn/gate", "text_decoder/head_new/kernel",
+               "image_decoder/decoder/unet/conv_in/kernel", "soi_token",
+               "image_decoder/decoder/mmfs_module/mmfs_mid_block/conv/kernel",
+               "visual_tokenizer/encoder/adapter_interactions_0/injector/gamma"):
+    assert mask[path], path
+
+
+def check_optimizer_state_covers_only_trainable_params(state):
+  trainable_paths = set(flat(state.params))
+  assert not trainable_paths & set(flat(state.frozen))
+  moments = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]:
+    keys = tuple(entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey))
+    if leaf.ndim or keys[1:]:
+      assert "/".join(keys[1:]) in trainable_paths, jax.tree_util.keystr(path)
+      moments += leaf.size
+  trainable_count = sum(leaf.size for leaf in flat(state.params).values())
+  assert moments == 2 * trainable_count
+
+
+# --------------------------------------------------------------------------------------------
+# The text-only model: sharding, accumulation, checkpoints across meshes.
+
+
+@functools.lru_cache(maxsize=None)
+def text_only_params():
+  config = small_config("text_only")
+  setup, _, _ = setup_for(config)
+  return jax.device_get(setup.init_params(jax.random.key(1)))
+
+
+@functools.lru_cache(maxsize=None)
+def run_steps(mesh_shape, steps=3):
+  """`steps` steps of the text-only model on a mesh, from `text_only_params`."""
+  config = small_config("text_only")
+  setup, data, mesh = setup_for(config, mesh_shape)
+  state = setup.state_from_params(text_only_params(), jax.random.key(2))
+  step, losses = None, []
+  for index in range(steps):
+    batch = loop.global_batch([data[index][0]], mesh)
+    step = step or compile_train_step(setup, batch)
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return setup, state, losses
+
+
+def test_train_step_on_8_devices_equals_one_device():
+  _, single, single_losses = run_steps((1, 1, 1))
+  setup, sharded, sharded_losses = run_steps((2, 2, 2))
+  embedding = sharded.params["mm_decoder"]["embed_tokens"]["embedding"]
+  assert embedding.sharding.spec != jax.sharding.PartitionSpec()
+  assert sharding.shard_shapes(embedding) != embedding.shape
+  np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
+  want, got = flat(single.all_params()), flat(sharded.all_params())
+  # Relative to each param's size, or to the learning rate for params that moved less than
+  # one step (zero-initialised biases whose gradients are rounding noise).
+  floor = float(setup.config.train.learning_rate)
+  for path in want:
+    scale = max(float(np.abs(want[path]).max()), floor)
+    assert np.abs(got[path] - want[path]).max() <= 1e-5 * scale, path
+
+
+def test_gradient_accumulation_averages_micro_batch_gradients():
+  config = small_config("text_only", documents_per_row=1)
+  setup, data, mesh = setup_for(config)
+  state = setup.state_from_params(text_only_params(), jax.random.key(2))
+  batches = [data[index][0] for index in range(2)]
+  from mmi_jax.train.train_step import loss_and_grads  # noqa: PLC0415
+
+  stacked = loop.global_batch(batches, mesh)
+  metrics, grads = jax.jit(functools.partial(loss_and_grads, setup, accumulation=2))(
+      state, stacked)
+  key = state.key
+  singles = []
+  for index, batch in enumerate(batches):
+    # Micro-batch m of step s draws from fold_in(fold_in(key, s), m): as a one-batch step with
+    # that key would at micro-batch 0 only for m = 0, so compare through micro_batch_loss.
+    from mmi_jax.train.train_step import micro_batch_loss  # noqa: PLC0415
+
+    grad = jax.jit(jax.grad(functools.partial(micro_batch_loss, setup), has_aux=True))(
+        state.params, state.frozen, loop.global_batch([batch], mesh),
+        jax.random.fold_in(jax.random.fold_in(key, 0), index))
+    singles.append(grad)
+  for path, got in flat(grads).items():
+    want = (flat(singles[0][0])[path] + flat(singles[1][0])[path]) / 2
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=path)
+  losses = [float(s[1]["loss"]) for s in singles]
+  np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-6)
+
+
+def test_a_checkpoint_of_one_mesh_restores_onto_another(tmp_path):
+  config = small_config("text_only")
+  setup, state, _ = run_steps((1, 1, 1))
+  data_iterator = iter(pipeline.make_dataset(config, "train"))
+  next(data_iterator)
+  saver = checkpoints_lib.Checkpoints(tmp_path, config)
+  saver.save(state, data_iterator, force=True)
+  saver.close()
+
+  other, _, _ = setup_for(config, (2, 2, 2))
+  fresh_iterator = iter(pipeline.make_dataset(config, "train"))
+  restored = checkpoints_lib.Checkpoints(tmp_path, config).restore(other, fresh_iterator)
+  assert int(restored.step) == 3
+  want, got = leaves(state), leaves(restored)
+  assert want.keys() == got.keys()
+  for path in want:
+    np.testing.assert_array_equal(got[path], want[path], err_msg=path)
+  embedding = restored.params["mm_decoder"]["embed_tokens"]["embedding"]
+  assert embedding.sharding == other.state_shardings.params["mm_decoder"]["embed_tokens"][
+      "embedding"]
+  # The data iterator continues after the batch consumed before the save.
+  np.testing.assert_array_equal(next(fresh_iterator)[0].text_ids,
+                                pipeline.make_dataset(config, "train")[1][0].text_ids)
+
+
+# --------------------------------------------------------------------------------------------
+# Refusals.
+
+
+def test_a_workdir_with_another_model_s_checkpoint_is_refused(tmp_path):
+  config = small_config("text_only")
+  setup, state, _ = run_steps((1, 1, 1))
+  saver = checkpoints_lib.Checkpoints(tmp_path, config)
+  saver.save(state, iter(pipeline.make_dataset(config, "train")), force=True)
+  saver.close()
+  other = small_config("text_only")
+  other.model.llm.num_layers = 1
+  with pytest.raises(checkpoints_lib.ArchitectureMismatchError,
+                     match=r"(?s)another model.*model\.llm\.num_layers: checkpoint 2, config 1"):
+    checkpoints_lib.Checkpoints(tmp_path, other).check_architecture(3)
+
+
+def test_unknown_settings_are_refused_with_the_closest_known_one():
+  config = small_config()
+  config.check_known_keys = None  # a key that is not a setting
+  config.train.learnig_rate = 1.0
+  with pytest.raises(ValueError, match=r"train\.learnig_rate \(did you mean "
+                                       r"train\.learning_rate\?\)"):
+    config_check.check_known_keys(config)
+  config_check.check_known_keys(small_config())
+  config_check.check_known_keys(small_config("text_only"))
+
+
+def test_a_batch_whose_image_tokens_disagree_with_its_images_is_refused():
+  config = small_config("text_only")
+  batch, _ = pipeline.make_dataset(config, "train")[0]
+  loop.check_batch(batch, config)
+  # One picture too few: the row's soi tokens announce more images than it owns.
+  row = int(batch.image_sequence_ids[0])
+  valid = batch.image_valid.copy()
+  valid[np.flatnonzero(valid & (batch.image_sequence_ids == row))[-1]] = False
+  with pytest.raises(ValueError, match=f"row {row}: .* soi tokens but .* images"):
+    loop.check_batch(batch.replace(image_valid=valid), config)
