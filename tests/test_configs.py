@@ -3,16 +3,7 @@
 import pytest
 
 from configs import mmi_13b, tiny
-
-
-def _flat_keys(config, prefix=""):
-  keys = set()
-  for key, value in config.items():
-    if hasattr(value, "items"):
-      keys |= _flat_keys(value, f"{prefix}{key}.")
-    else:
-      keys.add(f"{prefix}{key}")
-  return keys
+from mmi_jax.train.config_check import flat_keys as _flat_keys
 
 
 def test_tiny_has_exactly_the_fields_of_the_release():

@@ -277,3 +277,17 @@ def test_a_batch_whose_image_tokens_disagree_with_its_images_is_refused():
   valid[np.flatnonzero(valid & (batch.image_sequence_ids == row))[-1]] = False
   with pytest.raises(ValueError, match=f"row {row}: .* soi tokens but .* images"):
     loop.check_batch(batch.replace(image_valid=valid), config)
+
+
+def test_decoded_captions_stop_at_the_end_of_text_or_a_new_image():
+  from mmi_jax.data.tokenizer import shapes_tokenizer  # noqa: PLC0415
+  from mmi_jax.models.multimodal_inputs import TokenIds  # noqa: PLC0415
+  from mmi_jax.train.evaluation import caption_words  # noqa: PLC0415
+
+  config = small_config("text_only")
+  tokens = TokenIds.from_config(config.model.tokens)
+  tokenizer = shapes_tokenizer(config.model.tokens.text_vocab_size)
+  words = tokenizer.encode("a red circle on a white background .")
+  for stop in (tokens.eos, tokens.soi):
+    ids = np.array(words + [stop] + tokenizer.encode("the same shape"))
+    assert caption_words(ids, tokenizer, tokens) == "a red circle on a white background ."

@@ -21,9 +21,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The smaller LLM of test_train.py's text-only tests.
-COMMON = ["--config.model.llm.num_layers=2", "--config.train.log_every=1", "--config.train.checkpoint_every=2",
-          "--config.train.eval_every=0", "--config.eval.caption_documents=0",
-          "--config.data.batch_size=4", "--config.train.warmup_steps=1"]
+COMMON = ["--config.model.llm.num_layers=2", "--config.train.log_every=1",
+          "--config.train.checkpoint_every=2", "--config.train.eval_every=0",
+          "--config.eval.caption_documents=0", "--config.data.batch_size=4",
+          "--config.train.warmup_steps=1"]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +70,16 @@ def train_losses(workdir) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, cache_dir):
+  """6 steps, then the held-out caption evaluation (2 captions of 3 tokens: the code path,
+  not the accuracy of a model this short-trained)."""
   workdir = tmp_path_factory.mktemp("straight")
-  run(workdir, 6, cache_dir)
+  run(workdir, 6, cache_dir, "--config.eval.caption_documents=2",
+      "--config.eval.max_caption_tokens=3")
+  with open(workdir / "results.json") as file:
+    results = json.load(file)
+  assert results["step"] == 6 and results["skipped_documents"] == 0
+  assert 0.0 <= results["caption_accuracy"] <= 1.0 and len(results["examples"]) == 2
+  assert results["examples"][0]["expected"].endswith("background .")
   return train_losses(workdir)
 
 

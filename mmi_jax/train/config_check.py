@@ -47,7 +47,7 @@ def check_known_keys(config: Any) -> None:
       close = difflib.get_close_matches(key, known, n=1)
       lines.append(f"{key}" + (f" (did you mean {close[0]}?)" if close else ""))
     raise ValueError("config: unknown settings (every setting is defined in "
-                     f"configs/mmi_13b.py):\n  " + "\n  ".join(lines))
+                     "configs/mmi_13b.py):\n  " + "\n  ".join(lines))
 
 
 __all__ = ["check_known_keys", "flat_keys", "reference_keys"]

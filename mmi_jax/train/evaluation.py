@@ -83,7 +83,8 @@ class Evaluator:
   def caption_prompts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`(token_ids [B, 2 + T], images [B, Hv, Wv, 3], expected captions)`."""
     size = self.config.model.vision_encoder.image_size
-    prompt = [self.tokens.bos, self.tokens.soi] + [self.tokens.image] * self.tokens.tokens_per_image
+    tokens = self.tokens
+    prompt = [tokens.bos, tokens.soi] + [tokens.image] * tokens.tokens_per_image
     ids = np.tile(np.asarray(prompt, np.int32), (len(self.caption_scenes), 1))
     images = np.stack([shapes.render(scene, size) for scene in self.caption_scenes])
     return ids, images.astype(np.float32) / 255, [shapes.caption_of(s) for s in
@@ -91,7 +92,7 @@ class Evaluator:
 
   @functools.cached_property
   def _decode_captions(self):
-    model, tokens = self.model, self.tokens
+    model = self.model
     steps = int(self.config.eval.max_caption_tokens)
 
     def decode(params, ids, images):
@@ -105,7 +106,6 @@ class Evaluator:
           steps=steps, max_length=ids.shape[1] + steps)
       return generated
 
-    del tokens
     return jax.jit(decode, out_shardings=self._replicated)
 
   def captions(self, params: Any) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmi_jax import sharding
 from mmi_jax.batch import Batch
-from mmi_jax.models.mm_interleaved import MMInterleaved, example_batch
+from mmi_jax.models.mm_interleaved import MMInterleaved
 from mmi_jax.train import optimizer as optimizer_lib
 
 BATCH_AXIS = "activation_batch"  # rows and image slots of a batch
