@@ -229,6 +229,9 @@ def get_config() -> ml_collections.ConfigDict:
       # training pictures first (`mmi_jax.train.vae_fit`); 0 steps: keep it as initialised
       # or loaded.
       vae_fit=dict(steps=0, batch_size=16, learning_rate=1e-3, kl_weight=1e-6),
+      # Likewise without CLIP's pretrained ViT: the visual tokenizer's encoder is first fitted
+      # to classify the training pictures' attributes (`mmi_jax.train.vision_fit`).
+      vision_fit=dict(steps=0, batch_size=16, learning_rate=1e-3),
       log_every=10,  # steps between log lines and TensorBoard scalars
       eval_every=1000,  # steps between held-out evaluations (0: only at the end)
       checkpoint_every=1000,  # steps between asynchronous Orbax saves
@@ -246,6 +249,10 @@ def get_config() -> ml_collections.ConfigDict:
       seed=0,  # shuffling and generation of the training documents
       train_documents=1_000_000,  # size of the training split (documents)
       held_out_documents=512,  # size of the held-out split
+      # The shapes pictures' layout: the shape's size range (fraction of the picture side) and
+      # whether it sits at the centre (else anywhere inside a margin).
+      scene_sizes=(0.45, 0.7),
+      scene_centred=False,
   )
 
   # Multi-host: `jax.distributed.initialize` before anything else when `initialize` (empty

@@ -7,7 +7,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import tiny
+from configs import demo, tiny
 from mmi_jax import batch as batch_lib
 from mmi_jax.data import packing, pipeline, shapes
 from mmi_jax.data.tokenizer import shapes_tokenizer
@@ -83,6 +83,23 @@ def test_classify_colour_reads_the_rendered_colour(background):
       assert shapes.classify_colour(noisy, background) == colour, (colour, shape)
   blank = np.full((56, 56, 3), shapes.BACKGROUNDS[background], np.uint8)
   assert shapes.classify_colour(blank, background) is None
+
+
+def test_the_layout_settings_fix_size_and_centre_and_keep_the_documents():
+  """`data.scene_sizes` / `data.scene_centred` (the demo's) fix the shapes' size and place;
+  the documents still vary; impossible sizes are refused."""
+  config = demo.get_config()
+  layout = pipeline.scene_layout(config.data)
+  assert layout == {"sizes": (0.6, 0.6), "centred": True}
+  placed = [shapes.make_document("train", index, **layout) for index in range(30)]
+  assert len({document.text() for document in placed}) > 20
+  for document in placed:
+    for scene in document.scenes:
+      assert scene.centre == (0.5, 0.5) and scene.size == 0.6
+  assert len({scene.size for index in range(30)
+              for scene in shapes.make_document("train", index).scenes}) > 20
+  with pytest.raises(ValueError, match=r"shape sizes must be .* got \(0\.3, 0\.6\)"):
+    shapes.make_document("train", 0, sizes=(0.3, 0.6))
 
 
 def test_rendered_shapes_are_inside_and_large():

@@ -19,7 +19,7 @@ from configs import demo, tiny
 from mmi_jax import sharding
 from mmi_jax.data import pipeline
 from mmi_jax.train import checkpoints as checkpoints_lib
-from mmi_jax.train import config_check, loop
+from mmi_jax.train import config_check, loop, vision_fit
 from mmi_jax.train import optimizer as optimizer_lib
 from mmi_jax.train.train_state import TrainSetup
 from mmi_jax.train.train_step import compile_train_step
@@ -28,6 +28,9 @@ from mmi_jax.train.train_step import compile_train_step
 # The text-only tests train a smaller LLM (2 layers), to compile faster; the training code is
 # the same.
 LLM_LAYERS = 2
+# The tests sharing `run_steps` run on one pytest-xdist worker (`--dist loadgroup`), so that
+# its compiles happen once.
+TEXT_ONLY_GROUP = pytest.mark.xdist_group("text_only_model")
 
 
 def small_config(variant: str = "", **data):
@@ -170,6 +173,7 @@ def run_steps(mesh_shape, steps=3):
   return setup, state, losses
 
 
+@TEXT_ONLY_GROUP
 def test_train_step_on_8_devices_equals_one_device():
   _, single, single_losses = run_steps((1, 1, 1))
   setup, sharded, sharded_losses = run_steps((2, 2, 2))
@@ -186,34 +190,42 @@ def test_train_step_on_8_devices_equals_one_device():
     assert np.abs(got[path] - want[path]).max() <= 1e-5 * scale, path
 
 
+@TEXT_ONLY_GROUP
 def test_gradient_accumulation_averages_micro_batch_gradients():
+  """Two micro-batches give the mean of their gradients and losses. One compiled function
+  (accumulation 2) serves as its own reference, with dropout off so that a micro-batch's
+  gradient does not depend on its rng: micro-batches (b0, b1) must give the mean of (b0, b0)
+  and (b1, b1), and (b0, b0) must be the gradient of b0's loss (a central difference of the
+  reported loss along it), which a sum instead of a mean would double."""
   config = small_config("text_only", documents_per_row=1)
+  config.model.visual_tokenizer.qformer.update(dropout=0.0, attention_dropout=0.0)
   setup, data, mesh = setup_for(config)
   state = setup.state_from_params(text_only_params(), jax.random.key(2))
-  batches = [data[index][0] for index in range(2)]
   from mmi_jax.train.train_step import loss_and_grads  # noqa: PLC0415
 
-  stacked = loop.global_batch(batches, mesh)
-  metrics, grads = jax.jit(functools.partial(loss_and_grads, setup, accumulation=2))(
-      state, stacked)
-  key = state.key
-  singles = []
-  for index, batch in enumerate(batches):
-    # Micro-batch m of step s draws from fold_in(fold_in(key, s), m): as a one-batch step with
-    # that key would at micro-batch 0 only for m = 0, so compare through micro_batch_loss.
-    from mmi_jax.train.train_step import micro_batch_loss  # noqa: PLC0415
+  accumulate = jax.jit(functools.partial(loss_and_grads, setup, accumulation=2))
+  first, second = data[0][0], data[1][0]
+  both_metrics, both = accumulate(state, loop.global_batch([first, second], mesh))
+  first_metrics, first_grads = accumulate(state, loop.global_batch([first, first], mesh))
+  second_metrics, second_grads = accumulate(state, loop.global_batch([second, second], mesh))
+  want = {path: (grad + flat(second_grads)[path]) / 2 for path, grad in flat(first_grads).items()}
+  for path, got in flat(both).items():
+    np.testing.assert_allclose(got, want[path], rtol=1e-5, atol=1e-7, err_msg=path)
+  np.testing.assert_allclose(float(both_metrics["loss"]), (float(first_metrics["loss"]) + float(
+      second_metrics["loss"])) / 2, rtol=1e-6)
+  assert float(first_metrics["loss"]) != float(second_metrics["loss"])
 
-    grad = jax.jit(jax.grad(functools.partial(micro_batch_loss, setup), has_aux=True))(
-        state.params, state.frozen, loop.global_batch([batch], mesh),
-        jax.random.fold_in(jax.random.fold_in(key, 0), index))
-    singles.append(grad)
-  for path, got in flat(grads).items():
-    want = (flat(singles[0][0])[path] + flat(singles[1][0])[path]) / 2
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=path)
-  losses = [float(s[1]["loss"]) for s in singles]
-  np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-6)
+  norm = np.sqrt(sum(np.sum(np.square(g)) for g in flat(first_grads).values()))
+  epsilon = 1e-3
+  def loss_moved(sign):
+    params = jax.tree.map(lambda p, g: p + sign * epsilon * g / norm, state.params, first_grads)
+    metrics, _ = accumulate(state.replace(params=params), loop.global_batch([first, first], mesh))
+    return float(metrics["loss"])
+  slope = (loss_moved(1.0) - loss_moved(-1.0)) / (2 * epsilon)
+  np.testing.assert_allclose(slope, norm, rtol=2e-2)
 
 
+@TEXT_ONLY_GROUP
 def test_a_checkpoint_of_one_mesh_restores_onto_another(tmp_path):
   config = small_config("text_only")
   setup, state, _ = run_steps((1, 1, 1))
@@ -239,10 +251,36 @@ def test_a_checkpoint_of_one_mesh_restores_onto_another(tmp_path):
                                 pipeline.make_dataset(config, "train")[1][0].text_ids)
 
 
+@TEXT_ONLY_GROUP
+def test_the_vision_fit_trains_the_encoder_to_name_the_attributes():
+  """`train.vision_fit` (the demo's stand-in for CLIP's pretraining) changes only the
+  encoder, and its classifiers learn: on one repeated batch the loss falls."""
+  config = small_config("text_only")
+  config.train.vision_fit.update(steps=8, batch_size=6, learning_rate=3e-3)
+  pictures, labels = next(vision_fit.training_pictures(config, 6))
+  assert pictures.shape == (6, 56, 56, 3) and 0.0 <= pictures.min() < pictures.max() <= 1.0
+  assert labels.shape == (6, 3) and (labels < [4, 6, 3]).all()
+  before = text_only_params()["visual_tokenizer"]
+  logged = []
+  fitted, stats = vision_fit.fit_vision_encoder(config, before, jax.random.key(3),
+                                                log=logged.append)
+  assert "vision fit 1/8" in logged[0] and "vision fit 8/8" in logged[-1]
+  first_loss = float(logged[0].split("loss ")[1].split(",")[0])
+  assert stats["vision_fit_loss"] < first_loss
+  assert set(stats) == {"vision_fit_loss", "vision_fit_shape_accuracy",
+                        "vision_fit_colour_accuracy", "vision_fit_background_accuracy"}
+  want, got = flat(before), flat(fitted)
+  assert want.keys() == got.keys()
+  moved = [path for path in want if not np.array_equal(want[path], got[path])]
+  assert moved and all(path.startswith("encoder/") for path in moved)
+  assert "encoder/encoder/layers_0/mlp/fc1/kernel" in moved
+
+
 # --------------------------------------------------------------------------------------------
 # Refusals.
 
 
+@TEXT_ONLY_GROUP
 def test_a_workdir_with_another_model_s_checkpoint_is_refused(tmp_path):
   config = small_config("text_only")
   setup, state, _ = run_steps((1, 1, 1))

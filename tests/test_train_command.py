@@ -24,7 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--config.model.llm.num_layers=2", "--config.train.log_every=1",
           "--config.train.checkpoint_every=2", "--config.train.eval_every=0",
           "--config.eval.caption_documents=0", "--config.data.batch_size=4",
-          "--config.train.warmup_steps=1"]
+          "--config.train.warmup_steps=1", "--config.train.vision_fit.steps=0"]
+# Both tests need `straight_run`: on one pytest-xdist worker (`--dist loadgroup`) it runs once.
+pytestmark = pytest.mark.xdist_group("train_command")
 
 
 @pytest.fixture(scope="module")

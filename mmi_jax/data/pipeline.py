@@ -44,6 +44,13 @@ def image_slots_per_row(data_config: Any) -> int:
              shapes.MAX_IMAGES_PER_DOCUMENT * data_config.documents_per_row)
 
 
+def scene_layout(data_config: Any) -> dict[str, Any]:
+  """`shapes.make_document`'s picture layout keywords from a config's `data` section
+  (`scene_sizes`, `scene_centred`)."""
+  return dict(sizes=tuple(float(size) for size in data_config.scene_sizes),
+              centred=bool(data_config.scene_centred))
+
+
 class _PackRows:
   """One step's global document indices -> this process's `(Batch, stats)`."""
 
@@ -51,6 +58,7 @@ class _PackRows:
     data = config.data
     self._model_config = config.model
     self._split, self._seed = split, data.seed
+    self._layout = scene_layout(data)
     self._documents_per_row = data.documents_per_row
     self._rows = data.batch_size // process_count
     self._first_row = process_index * self._rows
@@ -62,7 +70,7 @@ class _PackRows:
   def __call__(self, step: int, document_indices: np.ndarray) -> tuple[Any, dict[str, Any]]:
     first = self._first_row * self._documents_per_row
     local = document_indices[first:first + self._rows * self._documents_per_row]
-    documents = [shapes.make_document(self._split, int(index), seed=self._seed)
+    documents = [shapes.make_document(self._split, int(index), seed=self._seed, **self._layout)
                  for index in local]
     batch, stats = packing.pack_rows(
         documents, rows=self._rows, sequence_length=self._sequence_length,
@@ -141,4 +149,4 @@ def make_dataset(config: Any, split: str, *, process_index: int = 0, process_cou
                                          prefetch_buffer_size=prefetch))
 
 
-__all__ = ["DATASETS", "image_slots_per_row", "make_dataset"]
+__all__ = ["DATASETS", "image_slots_per_row", "make_dataset", "scene_layout"]

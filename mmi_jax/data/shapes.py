@@ -110,32 +110,47 @@ def change_sentence(attribute: str, scene: Scene) -> str:
   raise ValueError(f"unknown attribute {attribute!r}; known: {ATTRIBUTES}")
 
 
-def _jitter(rng: np.random.Generator) -> tuple[tuple[float, float], float]:
-  size = float(rng.uniform(MIN_SIZE, MAX_SIZE))
+def _jitter(rng: np.random.Generator, sizes: tuple[float, float],
+            centred: bool) -> tuple[tuple[float, float], float]:
+  low_size, high_size = sizes
+  if not MIN_SIZE <= low_size <= high_size <= 1 - 2 * MARGIN:
+    raise ValueError(f"shape sizes must be {MIN_SIZE} <= min <= max <= {1 - 2 * MARGIN}, "
+                     f"got {sizes}")
+  size = float(rng.uniform(low_size, high_size))
+  if centred:
+    return (0.5, 0.5), size
   low, high = size / 2 + MARGIN, 1 - size / 2 - MARGIN
   return (float(rng.uniform(low, high)), float(rng.uniform(low, high))), size
 
 
-def random_scene(rng: np.random.Generator) -> Scene:
-  """A uniformly drawn shape, colour and background with a jittered centre and size."""
-  centre, size = _jitter(rng)
+def random_scene(rng: np.random.Generator, *, sizes: tuple[float, float] = (MIN_SIZE, MAX_SIZE),
+                 centred: bool = False) -> Scene:
+  """A uniformly drawn shape, colour and background; its size uniform in `sizes`, its centre
+  anywhere at least `MARGIN` inside the picture (or the picture's centre if `centred`)."""
+  centre, size = _jitter(rng, sizes, centred)
   return Scene(shape=SHAPES[rng.integers(len(SHAPES))],
                colour=tuple(COLOURS)[rng.integers(len(COLOURS))],
                background=tuple(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
                centre=centre, size=size)
 
 
-def changed_scene(rng: np.random.Generator, scene: Scene, attribute: str) -> Scene:
-  """`scene` with `attribute` changed to another value, centre and size drawn again."""
+def changed_scene(rng: np.random.Generator, scene: Scene, attribute: str, *,
+                  sizes: tuple[float, float] = (MIN_SIZE, MAX_SIZE),
+                  centred: bool = False) -> Scene:
+  """`scene` with `attribute` changed to another value, centre and size drawn again (as
+  `random_scene` draws them)."""
   choices = {"colour": tuple(COLOURS), "shape": SHAPES, "background": tuple(BACKGROUNDS)}
   others = [value for value in choices[attribute] if value != getattr(scene, attribute)]
-  centre, size = _jitter(rng)
+  centre, size = _jitter(rng, sizes, centred)
   return dataclasses.replace(scene, **{attribute: others[rng.integers(len(others))]},
                              centre=centre, size=size)
 
 
-def make_document(split: str, index: int, *, seed: int = 0) -> Document:
-  """Document `index` of `split` ("train" or "held_out"), the same on every call."""
+def make_document(split: str, index: int, *, seed: int = 0,
+                  sizes: tuple[float, float] = (MIN_SIZE, MAX_SIZE),
+                  centred: bool = False) -> Document:
+  """Document `index` of `split` ("train" or "held_out"), the same on every call; `sizes` and
+  `centred` as in `random_scene` (a config's `data.scene_sizes`, `data.scene_centred`)."""
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; known: {tuple(SPLITS)}")
   rng = np.random.default_rng([seed, SPLITS[split], index])
@@ -143,11 +158,12 @@ def make_document(split: str, index: int, *, seed: int = 0) -> Document:
   if rng.random() < MULTI_IMAGE_FRACTION:
     num_images = int(rng.integers(2, MAX_IMAGES_PER_DOCUMENT + 1))
   image_first = bool(rng.random() < 0.5)
-  scenes, sentences, changes = [random_scene(rng)], [], []
+  layout = dict(sizes=tuple(sizes), centred=centred)
+  scenes, sentences, changes = [random_scene(rng, **layout)], [], []
   sentences.append(caption_of(scenes[0]))
   for _ in range(num_images - 1):
     attribute = ATTRIBUTES[rng.integers(len(ATTRIBUTES))]
-    scenes.append(changed_scene(rng, scenes[-1], attribute))
+    scenes.append(changed_scene(rng, scenes[-1], attribute, **layout))
     sentences.append(change_sentence(attribute, scenes[-1]))
     changes.append(attribute)
   segments = []

@@ -27,7 +27,7 @@ from PIL import Image
 
 from mmi_jax import decoding, image_generation, sharding
 from mmi_jax.batch import Batch
-from mmi_jax.data import packing, shapes
+from mmi_jax.data import packing, pipeline, shapes
 from mmi_jax.data.tokenizer import shapes_tokenizer
 from mmi_jax.models import multimodal_inputs as mm_inputs
 from mmi_jax.models.mm_interleaved import MMInterleaved, select_maps
@@ -35,7 +35,8 @@ from mmi_jax.models.mm_interleaved import MMInterleaved, select_maps
 
 def held_out_scenes(config: Any, count: int) -> list[shapes.Scene]:
   """The first picture of each of the first `count` held-out documents."""
-  return [shapes.make_document("held_out", index, seed=config.data.seed).scenes[0]
+  layout = pipeline.scene_layout(config.data)
+  return [shapes.make_document("held_out", index, seed=config.data.seed, **layout).scenes[0]
           for index in range(count)]
 
 

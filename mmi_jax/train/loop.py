@@ -6,7 +6,8 @@
      the state's shardings (`TrainSetup`);
   2. restores the latest checkpoint of `workdir` (state and data position; refused if it is
      of another model), or starts afresh: params initialised (or loaded from
-     `train.init_checkpoint`, a release checkpoint), the VAE fitted if `train.vae_fit.steps`;
+     `train.init_checkpoint`, a release checkpoint), the vision encoder fitted if
+     `train.vision_fit.steps`, the VAE if `train.vae_fit.steps`;
   3. runs `train.steps` optimizer steps, each on `gradient_accumulation_steps` batches of
      this process's rows, assembled into global arrays
      (`jax.make_array_from_process_local_data`) split over the batch axes;
@@ -42,6 +43,7 @@ from mmi_jax.train.optimizer import merge_params
 from mmi_jax.train.train_state import TrainSetup, batch_shardings
 from mmi_jax.train.train_step import compile_train_step
 from mmi_jax.train.vae_fit import fit_vae
+from mmi_jax.train.vision_fit import fit_vision_encoder
 
 
 class Preemption:
@@ -137,7 +139,8 @@ class _Logger:
 
 def initial_params(setup: TrainSetup, config: Any, rng: jax.Array,
                    log: Callable[[str], None]) -> dict[str, Any]:
-  """Fresh params: initialised (or a release checkpoint's), the VAE fitted if configured."""
+  """Fresh params: initialised (or a release checkpoint's), the vision encoder and the VAE
+  fitted if configured."""
   train = config.train
   if train.init_checkpoint:
     log(f"loading {train.init_checkpoint}")
@@ -145,6 +148,11 @@ def initial_params(setup: TrainSetup, config: Any, rng: jax.Array,
                           dtype=np.dtype(config.model.param_dtype))
   else:
     params = setup.init_params(jax.random.fold_in(rng, 0))
+  if train.vision_fit.steps:
+    params = jax.device_get(params)
+    params["visual_tokenizer"], stats = fit_vision_encoder(
+        config, params["visual_tokenizer"], jax.random.fold_in(rng, 2), log=log)
+    log(f"vision encoder fitted: {stats}")
   if train.vae_fit.steps and config.model.image_decoder is not None:
     params = jax.device_get(params)
     decoder = params["image_decoder"]["decoder"]

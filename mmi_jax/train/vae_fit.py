@@ -17,18 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mmi_jax.data import shapes
+from mmi_jax.data import pipeline, shapes
 from mmi_jax.models.vae import AutoencoderKL, VAEConfig
 
 
 def training_pictures(config: Any, batch_size: int, seed: int = 0) -> Iterator[np.ndarray]:
   """Batches `[batch_size, Hd, Wd, 3]` in [0, 1] of the training documents' pictures."""
   size = config.model.image_decoder.image_size
+  layout = pipeline.scene_layout(config.data)
   index = 0
   while True:
     pictures = []
     while len(pictures) < batch_size:
-      document = shapes.make_document("train", index, seed=config.data.seed + seed)
+      document = shapes.make_document("train", index, seed=config.data.seed + seed, **layout)
       pictures += [shapes.render(scene, size) for scene in document.scenes]
       index += 1
     yield np.stack(pictures[:batch_size]).astype(np.float32) / 255
