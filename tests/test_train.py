@@ -182,12 +182,13 @@ def test_train_step_on_8_devices_equals_one_device():
   assert sharding.shard_shapes(embedding) != embedding.shape
   np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
   want, got = flat(single.all_params()), flat(sharded.all_params())
-  # Relative to each param's size, or to the learning rate for params that moved less than
-  # one step (zero-initialised biases whose gradients are rounding noise).
-  floor = float(setup.config.train.learning_rate)
+  # Relative to each param's size, plus a ten-thousandth of one step of the learning rate for
+  # params whose true gradient is zero and whose Adam steps are rounding noise (zero-initialised
+  # biases the loss is invariant to, as the Q-Former's key-norm bias under the softmax).
+  floor = 1e-4 * float(setup.config.train.learning_rate)
   for path in want:
-    scale = max(float(np.abs(want[path]).max()), floor)
-    assert np.abs(got[path] - want[path]).max() <= 1e-5 * scale, path
+    scale = float(np.abs(want[path]).max())
+    assert np.abs(got[path] - want[path]).max() <= 1e-5 * scale + floor, path
 
 
 @TEXT_ONLY_GROUP
