@@ -25,7 +25,7 @@ may hold fewer documents than the others; its remaining rows are padding (attent
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import grain
 import numpy as np
@@ -49,6 +49,22 @@ def scene_layout(data_config: Any) -> dict[str, Any]:
   (`scene_sizes`, `scene_centred`)."""
   return dict(sizes=tuple(float(size) for size in data_config.scene_sizes),
               centred=bool(data_config.scene_centred))
+
+
+def training_scene_batches(config: Any, batch_size: int, *, seed_offset: int = 0
+                           ) -> Iterator[list[shapes.Scene]]:
+  """Endless batches of `batch_size` training pictures (for `mmi_jax.train.vae_fit` and
+  `vision_fit`): each from the next documents, in order, whole but for the last one's
+  pictures past `batch_size`, which are dropped."""
+  layout = scene_layout(config.data)
+  index = 0
+  while True:
+    scenes = []
+    while len(scenes) < batch_size:
+      scenes += shapes.make_document("train", index, seed=config.data.seed + seed_offset,
+                                     **layout).scenes
+      index += 1
+    yield scenes[:batch_size]
 
 
 class _PackRows:
@@ -149,4 +165,5 @@ def make_dataset(config: Any, split: str, *, process_index: int = 0, process_cou
                                          prefetch_buffer_size=prefetch))
 
 
-__all__ = ["DATASETS", "image_slots_per_row", "make_dataset", "scene_layout"]
+__all__ = ["DATASETS", "image_slots_per_row", "make_dataset", "scene_layout",
+           "training_scene_batches"]

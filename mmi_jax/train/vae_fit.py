@@ -24,15 +24,8 @@ from mmi_jax.models.vae import AutoencoderKL, VAEConfig
 def training_pictures(config: Any, batch_size: int, seed: int = 0) -> Iterator[np.ndarray]:
   """Batches `[batch_size, Hd, Wd, 3]` in [0, 1] of the training documents' pictures."""
   size = config.model.image_decoder.image_size
-  layout = pipeline.scene_layout(config.data)
-  index = 0
-  while True:
-    pictures = []
-    while len(pictures) < batch_size:
-      document = shapes.make_document("train", index, seed=config.data.seed + seed, **layout)
-      pictures += [shapes.render(scene, size) for scene in document.scenes]
-      index += 1
-    yield np.stack(pictures[:batch_size]).astype(np.float32) / 255
+  for scenes in pipeline.training_scene_batches(config, batch_size, seed_offset=seed):
+    yield np.stack([shapes.render(scene, size) for scene in scenes]).astype(np.float32) / 255
 
 
 def fit_vae(config: Any, vae_params: Any, rng: jax.Array,

@@ -33,14 +33,7 @@ def training_pictures(config: Any, batch_size: int) -> Iterator[tuple[np.ndarray
   """`(pictures [batch_size, H, W, 3] in [0, 1], labels [batch_size, 3])` of the training
   documents' pictures at the encoder's size; labels index `ATTRIBUTES`' values."""
   size = config.model.vision_encoder.image_size
-  layout = pipeline.scene_layout(config.data)
-  index = 0
-  while True:
-    scenes = []
-    while len(scenes) < batch_size:
-      scenes += shapes.make_document("train", index, seed=config.data.seed, **layout).scenes
-      index += 1
-    scenes = scenes[:batch_size]
+  for scenes in pipeline.training_scene_batches(config, batch_size):
     pictures = np.stack([shapes.render(scene, size) for scene in scenes]).astype(np.float32)
     labels = np.array([[values.index(getattr(scene, name)) for name, values in ATTRIBUTES.items()]
                        for scene in scenes], np.int32)
