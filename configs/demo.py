@@ -12,7 +12,9 @@ What differs from the release's recipe, and why:
     (`train.vision_fit`); the ViT trunk then stays frozen, as the release keeps CLIP's.
   * SD's pretrained VAE is replaced by fitting the (otherwise frozen) VAE as an autoencoder on
     the training pictures before training starts (`train.vae_fit`); the diffusion loss then
-    trains on its latents exactly as the release trains on SD's.
+    trains on its latents exactly as the release trains on SD's. The VAE is 16 channels wide
+    at every level, in GroupNorm groups of 4: with tiny's 8 channels in groups of 8 the norms
+    take each channel's mean out of every picture and the decoder loses the shapes' colours.
   * Nothing pretrained can be downloaded for the LLM either, so the LLM and its text head
     train from scratch (`train.unfreeze`).
   * The Q-Formers' init std is the release's 0.02 scaled to the tiny width (0.02 x
@@ -65,6 +67,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   model.image_decoder.unet.layers_per_block = 1
   model.image_decoder.mmfs.base_spatial_shapes = (8, 8, 8, 4, 4, 2, 2, 1)
   model.image_decoder.vae.layers_per_block = 1
+  # Groups of 4 channels (tiny: groups of 1 at the first and last level lose the colours).
+  model.image_decoder.vae.update(block_out_channels=(16, 16, 16, 16), norm_num_groups=4)
   model.visual_tokenizer.qformer.init_std = 0.1
   model.visual_tokenizer.proj_init_std = 0.02
   model.image_decoder.qformer.init_std = 0.1
@@ -78,7 +82,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   train.update(steps=500, warmup_steps=50, learning_rate=1e-3, weight_decay=0.05,
                log_every=25, eval_every=250, checkpoint_every=250, keep_checkpoints=2)
   train.vision_fit.update(steps=300, batch_size=16, learning_rate=1e-3)
-  train.vae_fit.update(steps=300, batch_size=16, learning_rate=2e-3, kl_weight=1e-3)
+  train.vae_fit.update(steps=800, batch_size=16, learning_rate=4e-3, kl_weight=1e-3)
   model.image_decoder.vae.scaling_factor = 1.0  # the fitted latents' scale is about 1
   config.eval.update(caption_documents=64, generation_documents=16, generation_steps=30)
   train.param_groups = ()

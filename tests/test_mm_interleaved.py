@@ -14,14 +14,17 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from configs import tiny
+from configs import demo
 from mmi_jax import sharding
 from mmi_jax.batch import Batch, validate
 from mmi_jax.convert import release
 from mmi_jax.models import mm_interleaved as mmi
 from random_params import random_params
 
-CONFIG = tiny.get_config().model
+# The demo's model: every component of the release (MMFS in the LLM, the MMFS net in the UNet),
+# with fewer layers, so that the 8-device gradient compiles in minutes on a CI CPU. The release's
+# layer pattern (tiny widths) is compared with PyTorch in test_mm_interleaved_reference.py.
+CONFIG = demo.get_config().model
 TOKENS = CONFIG.tokens
 BOS, EOS, PAD, SOI, IMG = (TOKENS.bos_id, TOKENS.eos_id, TOKENS.pad_id, TOKENS.soi_id,
                            TOKENS.image_id)
@@ -32,7 +35,7 @@ def make_batch(seed: int) -> Batch:
   """2 rows, 6 image slots: row 0 packs two documents (two images, then one whose context is
   only [<s>, soi]); row 1 has one image; 2 padding slots. Words vary with the seed."""
   rng = np.random.default_rng(seed)
-  words = lambda n: list(rng.integers(3, 31000, n))  # noqa: E731
+  words = lambda n: list(rng.integers(3, TOKENS.text_vocab_size, n))  # noqa: E731
   row0 = [BOS] + words(3) + IMAGE + words(2) + IMAGE + words(2) + [EOS] + [BOS] + IMAGE + words(
       2) + [EOS]
   row1 = [BOS] + words(4) + IMAGE + words(3) + [EOS]
@@ -196,7 +199,7 @@ def test_validate_names_the_problem(change, message):
 
 
 def test_without_an_image_decoder_the_loss_is_the_text_loss():
-  config = tiny.get_config().model
+  config = demo.get_config().model
   config.image_decoder = None
   model = mmi.MMInterleaved.from_config(config)
   batch = make_batch(0).replace(decoder_images=None)

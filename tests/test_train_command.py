@@ -1,7 +1,8 @@
 """`python -m mmi_jax.train` end to end, in subprocesses (the text-only demo model, so that a run
 compiles in about a minute): a run stopped by SIGTERM and resumed gives the losses of an
-uninterrupted run, and two processes of 4 CPU devices each (`jax.distributed` on localhost)
-train one model, save and restore its checkpoint, and compute what one process computes.
+uninterrupted run, and two processes of 4 CPU devices each (`jax.distributed` on localhost,
+mesh data 2 x fsdp 2 x tensor 2) train the model, save and restore its checkpoint, and after 3
+steps hold the params one process on one device computes.
 
 The runs share a persistent compilation cache, so only the first compiles.
 """
@@ -16,15 +17,24 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from flax import traverse_util
+
+from configs import demo
+from mmi_jax import sharding
+from mmi_jax.data import pipeline
+from mmi_jax.train import checkpoints, loop
+from mmi_jax.train.train_state import TrainSetup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The smaller LLM of test_train.py's text-only tests.
-COMMON = ["--config.model.llm.num_layers=2", "--config.train.log_every=1",
-          "--config.train.checkpoint_every=2", "--config.train.eval_every=0",
-          "--config.eval.caption_documents=0", "--config.data.batch_size=4",
-          "--config.train.warmup_steps=1", "--config.train.vision_fit.steps=0"]
+# Every run's settings (the smaller LLM of test_train.py's text-only tests).
+OVERRIDES = {"model.llm.num_layers": 2, "train.log_every": 1, "train.checkpoint_every": 2,
+             "train.eval_every": 0, "eval.caption_documents": 0, "data.batch_size": 4,
+             "train.warmup_steps": 1, "train.vision_fit.steps": 0}
+COMMON = [f"--config.{key}={value}" for key, value in OVERRIDES.items()]
 # Both tests need `straight_run`: on one pytest-xdist worker (`--dist loadgroup`) it runs once.
 pytestmark = pytest.mark.xdist_group("train_command")
 
@@ -72,8 +82,8 @@ def train_losses(workdir) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, cache_dir):
-  """6 steps, then the held-out caption evaluation (2 captions of 3 tokens: the code path,
-  not the accuracy of a model this short-trained)."""
+  """6 steps on one device, then the held-out caption evaluation (2 captions of 3 tokens: the
+  code path, not the accuracy of a model this short-trained); `(workdir, {step: loss})`."""
   workdir = tmp_path_factory.mktemp("straight")
   run(workdir, 6, cache_dir, "--config.eval.caption_documents=2",
       "--config.eval.max_caption_tokens=3")
@@ -82,12 +92,13 @@ def straight_run(tmp_path_factory, cache_dir):
   assert results["step"] == 6 and results["skipped_documents"] == 0
   assert 0.0 <= results["caption_accuracy"] <= 1.0 and len(results["examples"]) == 2
   assert results["examples"][0]["expected"].endswith("background .")
-  return train_losses(workdir)
+  return workdir, train_losses(workdir)
 
 
 def test_sigterm_then_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, cache_dir,
                                                                        straight_run):
-  assert sorted(straight_run) == [1, 2, 3, 4, 5, 6]
+  _, straight_losses = straight_run
+  assert sorted(straight_losses) == [1, 2, 3, 4, 5, 6]
   process = subprocess.Popen(command(tmp_path, 6), cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True,
                              env=environment(cache_dir, 1))
@@ -109,7 +120,7 @@ def test_sigterm_then_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, 
   losses = train_losses(tmp_path)
   assert sorted(losses) == [1, 2, 3, 4, 5, 6]
   np.testing.assert_allclose([losses[s] for s in range(1, 7)],
-                             [straight_run[s] for s in range(1, 7)], rtol=1e-6)
+                             [straight_losses[s] for s in range(1, 7)], rtol=1e-6)
 
 
 def free_port() -> int:
@@ -141,8 +152,45 @@ def test_two_processes_train_save_and_restore_like_one(tmp_path, cache_dir, stra
   assert "2" in os.listdir(tmp_path / "checkpoints")
   second = launch(3)
   assert f"resumed from {tmp_path / 'checkpoints'} at step 2" in second
+  _, straight_losses = straight_run
   losses = train_losses(tmp_path)
   assert sorted(losses) == [1, 2, 3]
-  # The same data, init and steps as the one-process run, on another mesh.
+  # The same data, init and steps as the one-process run on one device.
   np.testing.assert_allclose([losses[s] for s in (1, 2, 3)],
-                             [straight_run[s] for s in (1, 2, 3)], rtol=1e-5)
+                             [straight_losses[s] for s in (1, 2, 3)], rtol=1e-5)
+  # The params after 3 steps equal those of one process on one device (a run of 3 steps: the
+  # learning rate's schedule depends on train.steps).
+  one_device = tmp_path / "one_device"
+  run(one_device, 3, cache_dir)
+  config = straight_run_config()
+  want = checkpoint_params(config, one_device, 3)
+  got = checkpoint_params(config, tmp_path, 3)
+  assert want.keys() == got.keys()
+  # Relative to each param's size, plus a ten-thousandth of one step of the learning rate for
+  # params whose true gradient is zero and whose Adam steps are rounding noise (zero-initialised
+  # biases the loss is invariant to, as the Q-Former's key-norm bias under the softmax).
+  floor = 1e-4 * float(config.train.learning_rate)
+  for path in want:
+    scale = float(np.abs(want[path]).max())
+    assert np.abs(got[path] - want[path]).max() <= 1e-5 * scale + floor, path
+
+
+def straight_run_config():
+  config = demo.get_config("text_only")
+  config.update_from_flattened_dict(OVERRIDES)
+  return config
+
+
+def checkpoint_params(config, workdir, step: int) -> dict[str, np.ndarray]:
+  """`{param path: array}` of `workdir`'s checkpoint of `step`, restored onto one device (the
+  train state only: the data iterator's position was saved per process)."""
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  data = pipeline.make_dataset(config, "train")
+  setup = TrainSetup.create(config, mesh, loop.global_batch([data[0][0]], mesh),
+                            image_slots=pipeline.image_slots_per_row(config.data))
+  saved = checkpoints.Checkpoints(workdir, config)
+  saved.check_architecture(step)
+  state = saved.manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(setup.abstract_state())))["state"]
+  return {"/".join(path): np.asarray(leaf) for path, leaf in
+          traverse_util.flatten_dict(jax.device_get(state.all_params())).items()}

@@ -221,6 +221,10 @@ class ImageDecoder(nn.Module):
     """See `StableDiffusion.denoise`."""
     return self.decoder.denoise(noisy_latents, timesteps, conditioning, mmfs_values, mmfs_mask)
 
+  def encode_latents(self, images: jax.Array, noise: jax.Array | None = None) -> jax.Array:
+    """See `StableDiffusion.encode_latents`."""
+    return self.decoder.encode_latents(images, noise)
+
   def decode_latents(self, latents: jax.Array) -> jax.Array:
     """See `StableDiffusion.decode_latents`."""
     return self.decoder.decode_latents(latents)

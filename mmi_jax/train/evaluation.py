@@ -7,7 +7,9 @@
   * Picture colour: the model draws the picture for `<s> caption soi` (the release's
     inference: the LLM's hidden states up to the soi condition the image decoder, sampled with
     classifier-free guidance, `mmi_jax.image_generation`); it counts when the colour most of the
-    shape's pixels are nearest to is the caption's (`shapes.classify_colour`).
+    shape's pixels are nearest to is the caption's (`shapes.classify_colour`). The same count on
+    the VAE's reconstructions of the real pictures (encoded to the latent mean, decoded) is
+    what the diffusion model could at best reach with this VAE.
 
 `Evaluator` compiles each function once; its calls are collective (every process of a
 multi-host run calls them with the same held-out data, replicated).
@@ -30,6 +32,7 @@ from mmi_jax.batch import Batch
 from mmi_jax.data import packing, pipeline, shapes
 from mmi_jax.data.tokenizer import shapes_tokenizer
 from mmi_jax.models import multimodal_inputs as mm_inputs
+from mmi_jax.models.image_decoder import ImageDecoder
 from mmi_jax.models.mm_interleaved import MMInterleaved, select_maps
 
 
@@ -157,21 +160,37 @@ class Evaluator:
 
     return jax.jit(generate, out_shardings=self._replicated)
 
+  @functools.cached_property
+  def _reconstruct(self):
+    decoder = self.model.image_decoder
+
+    def reconstruct(params, images):
+      variables = {"params": params["image_decoder"]}
+      latents = decoder.apply(variables, images, method=ImageDecoder.encode_latents)
+      return decoder.apply(variables, latents, method=ImageDecoder.decode_latents)
+
+    return jax.jit(reconstruct, out_shardings=self._replicated)
+
+  def _colour_hits(self, pictures: np.ndarray) -> list[bool]:
+    return [shapes.classify_colour(picture, scene.background) == scene.colour
+            for scene, picture in zip(self.generation_scenes, pictures)]
+
   def pictures(self, params: Any, rng: jax.Array) -> tuple[dict[str, Any], np.ndarray]:
-    """Generated pictures of held-out captions: colour accuracy and a grid (uint8), each row
-    the real picture then the generated one."""
+    """Generated pictures of held-out captions and the VAE's reconstructions of the real ones:
+    their colour accuracies and a grid (uint8) of (real, reconstructed, generated) triples."""
     batch = self.generation_batch()
+    size = self.config.model.image_decoder.image_size
+    real = np.stack([shapes.render(scene, size) for scene in self.generation_scenes])
     with sharding.use_mesh(self.mesh):
-      images = np.asarray(self._generate(params, self._put(batch), rng))
-    generated = (images * 255).round().astype(np.uint8)
-    size = generated.shape[1]
-    hits, rows = [], []
-    for scene, picture in zip(self.generation_scenes, generated):
-      hits.append(shapes.classify_colour(picture, scene.background) == scene.colour)
-      rows.append([shapes.render(scene, size), picture])
-    pairs_per_row = 4
-    grid_rows = [sum(rows[i:i + pairs_per_row], []) for i in range(0, len(rows), pairs_per_row)]
-    results = {"picture_colour_accuracy": float(np.mean(hits)),
+      generated = np.asarray(self._generate(params, self._put(batch), rng))
+      reconstructed = np.asarray(self._reconstruct(params, self._put((real / 255.0).astype(np.float32))))
+    to_uint8 = lambda images: (images * 255).round().astype(np.uint8)  # noqa: E731
+    generated, reconstructed = to_uint8(generated), to_uint8(reconstructed)
+    triples = [list(images) for images in zip(real, reconstructed, generated)]
+    per_row = 4
+    grid_rows = [sum(triples[i:i + per_row], []) for i in range(0, len(triples), per_row)]
+    results = {"picture_colour_accuracy": float(np.mean(self._colour_hits(generated))),
+               "reconstruction_colour_accuracy": float(np.mean(self._colour_hits(reconstructed))),
                "picture_captions": [shapes.caption_of(s) for s in self.generation_scenes]}
     return results, image_grid(grid_rows)
 
