@@ -1,7 +1,7 @@
 """`python -m mmi_jax.train` end to end, in subprocesses (the text-only demo model, so that a run
 compiles in about a minute): a run stopped by SIGTERM and resumed gives the losses of an
 uninterrupted run, and two processes of 4 CPU devices each (`jax.distributed` on localhost,
-mesh data 2 x fsdp 2 x tensor 2) train the model, save and restore its checkpoint, and after 3
+mesh data 2 x fsdp 2 x tensor 2) train the model, save and restore its checkpoint, and after 6
 steps hold the params one process on one device computes.
 
 The runs share a persistent compilation cache, so only the first compiles.
@@ -150,26 +150,25 @@ def test_two_processes_train_save_and_restore_like_one(tmp_path, cache_dir, stra
   first = launch(2)
   assert "2 process(es), mesh {'data': 2, 'fsdp': 2, 'tensor': 2}, 8 cpu device(s)" in first
   assert "2" in os.listdir(tmp_path / "checkpoints")
-  second = launch(3)
+  # The second run has the straight run's train.steps, so the same learning-rate schedule (the
+  # first run's 2 steps have the same rates: warm-up, then the peak).
+  second = launch(6)
   assert f"resumed from {tmp_path / 'checkpoints'} at step 2" in second
-  _, straight_losses = straight_run
+  straight_workdir, straight_losses = straight_run
   losses = train_losses(tmp_path)
-  assert sorted(losses) == [1, 2, 3]
+  assert sorted(losses) == [1, 2, 3, 4, 5, 6]
   # The same data, init and steps as the one-process run on one device.
-  np.testing.assert_allclose([losses[s] for s in (1, 2, 3)],
-                             [straight_losses[s] for s in (1, 2, 3)], rtol=1e-5)
-  # The params after 3 steps equal those of one process on one device (a run of 3 steps: the
-  # learning rate's schedule depends on train.steps).
-  one_device = tmp_path / "one_device"
-  run(one_device, 3, cache_dir)
+  np.testing.assert_allclose([losses[s] for s in range(1, 7)],
+                             [straight_losses[s] for s in range(1, 7)], rtol=1e-5)
   config = straight_run_config()
-  want = checkpoint_params(config, one_device, 3)
-  got = checkpoint_params(config, tmp_path, 3)
+  want = checkpoint_params(config, straight_workdir, 6)
+  got = checkpoint_params(config, tmp_path, 6)
   assert want.keys() == got.keys()
-  # Relative to each param's size, plus a ten-thousandth of one step of the learning rate for
+  # Relative to each param's size, plus a thousandth of one step of the learning rate for
   # params whose true gradient is zero and whose Adam steps are rounding noise (zero-initialised
-  # biases the loss is invariant to, as the Q-Former's key-norm bias under the softmax).
-  floor = 1e-4 * float(config.train.learning_rate)
+  # biases the loss is invariant to, as the Q-Former's key-norm bias under the softmax: 1.2e-4
+  # of a step apart after 6 steps). A sharding error would be of the order of one step.
+  floor = 1e-3 * float(config.train.learning_rate)
   for path in want:
     scale = float(np.abs(want[path]).max())
     assert np.abs(got[path] - want[path]).max() <= 1e-5 * scale + floor, path
