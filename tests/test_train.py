@@ -274,6 +274,9 @@ def test_a_checkpoint_of_one_mesh_restores_onto_another(tmp_path):
   embedding = restored.params["mm_decoder"]["embed_tokens"]["embedding"]
   assert embedding.sharding == other.state_shardings.params["mm_decoder"]["embed_tokens"][
       "embedding"]
+  # The rules do split it over the 8 devices.
+  assert embedding.sharding.spec != jax.sharding.PartitionSpec()
+  assert sharding.shard_shapes(embedding) != embedding.shape
   # The data iterator continues after the batch consumed before the save.
   np.testing.assert_array_equal(next(fresh_iterator)[0].text_ids,
                                 pipeline.make_dataset(config, "train")[1][0].text_ids)

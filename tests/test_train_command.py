@@ -161,8 +161,9 @@ def test_two_processes_train_save_and_restore_like_one(tmp_path, cache_dir, stra
   np.testing.assert_allclose([losses[s] for s in range(1, 7)],
                              [straight_losses[s] for s in range(1, 7)], rtol=1e-5)
   config = straight_run_config()
-  want = checkpoint_params(config, straight_workdir, 6)
-  got = checkpoint_params(config, tmp_path, 6)
+  setup = one_device_setup(config)
+  want = checkpoint_params(setup, config, straight_workdir, 6)
+  got = checkpoint_params(setup, config, tmp_path, 6)
   assert want.keys() == got.keys()
   # Relative to each param's size, plus a thousandth of one step of the learning rate for
   # params whose true gradient is zero and whose Adam steps are rounding noise (zero-initialised
@@ -180,13 +181,16 @@ def straight_run_config():
   return config
 
 
-def checkpoint_params(config, workdir, step: int) -> dict[str, np.ndarray]:
-  """`{param path: array}` of `workdir`'s checkpoint of `step`, restored onto one device (the
-  train state only: the data iterator's position was saved per process)."""
+def one_device_setup(config) -> TrainSetup:
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  data = pipeline.make_dataset(config, "train")
-  setup = TrainSetup.create(config, mesh, loop.global_batch([data[0][0]], mesh),
-                            image_slots=pipeline.image_slots_per_row(config.data))
+  example = pipeline.make_dataset(config, "train")[0][0]
+  return TrainSetup.create(config, mesh, loop.global_batch([example], mesh),
+                           image_slots=pipeline.image_slots_per_row(config.data))
+
+
+def checkpoint_params(setup, config, workdir, step: int) -> dict[str, np.ndarray]:
+  """`{param path: array}` of `workdir`'s checkpoint of `step`, restored into `setup` (the
+  train state only: the data iterator's position was saved per process)."""
   saved = checkpoints.Checkpoints(workdir, config)
   saved.check_architecture(step)
   state = saved.manager.restore(step, args=ocp.args.Composite(

@@ -183,7 +183,8 @@ class Evaluator:
     real = np.stack([shapes.render(scene, size) for scene in self.generation_scenes])
     with sharding.use_mesh(self.mesh):
       generated = np.asarray(self._generate(params, self._put(batch), rng))
-      reconstructed = np.asarray(self._reconstruct(params, self._put((real / 255.0).astype(np.float32))))
+      real_pixels = self._put((real / 255.0).astype(np.float32))
+      reconstructed = np.asarray(self._reconstruct(params, real_pixels))
     to_uint8 = lambda images: (images * 255).round().astype(np.uint8)  # noqa: E731
     generated, reconstructed = to_uint8(generated), to_uint8(reconstructed)
     triples = [list(images) for images in zip(real, reconstructed, generated)]
