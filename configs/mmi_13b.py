@@ -253,6 +253,9 @@ def get_config() -> ml_collections.ConfigDict:
       # whether it sits at the centre (else anywhere inside a margin).
       scene_sizes=(0.45, 0.7),
       scene_centred=False,
+      # Of the shapes documents, the fraction with images before their sentences (the rest
+      # have them after: text-to-image).
+      image_first_fraction=0.5,
   )
 
   # Multi-host: `jax.distributed.initialize` before anything else when `initialize` (empty

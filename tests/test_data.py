@@ -89,8 +89,8 @@ def test_the_layout_settings_fix_size_and_centre_and_keep_the_documents():
   """`data.scene_sizes` / `data.scene_centred` (the demo's) fix the shapes' size and place;
   the documents still vary; impossible sizes are refused."""
   config = demo.get_config()
-  layout = pipeline.scene_layout(config.data)
-  assert layout == {"sizes": (0.6, 0.6), "centred": True}
+  layout = pipeline.document_layout(config.data)
+  assert layout == {"sizes": (0.6, 0.6), "centred": True, "image_first_fraction": 0.3}
   placed = [shapes.make_document("train", index, **layout) for index in range(30)]
   assert len({document.text() for document in placed}) > 20
   for document in placed:
@@ -297,3 +297,24 @@ def test_unknown_dataset_and_bad_configs_raise_clear_errors():
   assert pipeline.image_slots_per_row(_config(documents_per_row=2).data) == 6
   replaced = dataclasses.replace(shapes.make_document("train", 0).scenes[0], colour="blue")
   assert shapes.caption_of(replaced).startswith("a blue ")
+
+
+def test_image_first_fraction_changes_only_where_the_images_stand():
+  """`data.image_first_fraction` sets how many documents put their images before their
+  sentences; the scenes and sentences of every document stay the same."""
+
+  def image_first(document):
+    return isinstance(document.segments[0], shapes.Scene)
+
+  for fraction in (0.0, 0.3, 1.0):
+    documents = [shapes.make_document("train", index, image_first_fraction=fraction)
+                 for index in range(400)]
+    share = np.mean([image_first(document) for document in documents])
+    assert abs(share - fraction) < 0.06, (fraction, share)
+    for index in (0, 7, 99):
+      default = shapes.make_document("train", index)
+      assert documents[index].scenes == default.scenes
+      assert (sorted(map(str, documents[index].segments))
+              == sorted(map(str, default.segments)))
+  with pytest.raises(ValueError, match="image_first_fraction"):
+    shapes.make_document("train", 0, image_first_fraction=1.5)

@@ -44,11 +44,12 @@ def image_slots_per_row(data_config: Any) -> int:
              shapes.MAX_IMAGES_PER_DOCUMENT * data_config.documents_per_row)
 
 
-def scene_layout(data_config: Any) -> dict[str, Any]:
-  """`shapes.make_document`'s picture layout keywords from a config's `data` section
-  (`scene_sizes`, `scene_centred`)."""
+def document_layout(data_config: Any) -> dict[str, Any]:
+  """`shapes.make_document`'s layout keywords from a config's `data` section (`scene_sizes`,
+  `scene_centred`, `image_first_fraction`)."""
   return dict(sizes=tuple(float(size) for size in data_config.scene_sizes),
-              centred=bool(data_config.scene_centred))
+              centred=bool(data_config.scene_centred),
+              image_first_fraction=float(data_config.image_first_fraction))
 
 
 def training_scene_batches(config: Any, batch_size: int, *, seed_offset: int = 0
@@ -56,7 +57,7 @@ def training_scene_batches(config: Any, batch_size: int, *, seed_offset: int = 0
   """Endless batches of `batch_size` training pictures (for `mmi_jax.train.vae_fit` and
   `vision_fit`): each from the next documents, in order, whole but for the last one's
   pictures past `batch_size`, which are dropped."""
-  layout = scene_layout(config.data)
+  layout = document_layout(config.data)
   index = 0
   while True:
     scenes = []
@@ -74,7 +75,7 @@ class _PackRows:
     data = config.data
     self._model_config = config.model
     self._split, self._seed = split, data.seed
-    self._layout = scene_layout(data)
+    self._layout = document_layout(data)
     self._documents_per_row = data.documents_per_row
     self._rows = data.batch_size // process_count
     self._first_row = process_index * self._rows
@@ -165,5 +166,5 @@ def make_dataset(config: Any, split: str, *, process_index: int = 0, process_cou
                                          prefetch_buffer_size=prefetch))
 
 
-__all__ = ["DATASETS", "image_slots_per_row", "make_dataset", "scene_layout",
+__all__ = ["DATASETS", "image_slots_per_row", "make_dataset", "document_layout",
            "training_scene_batches"]

@@ -4,7 +4,8 @@ A `Scene` is one coloured shape (circle, square, triangle, diamond) on a plain b
 centre and size jittered; `render` draws it with PIL at any size. A `Document` is text and
 scenes in reading order, as an interleaved web document is (SPEC 2):
 
-  * one image with its caption, the image before (50%) or after (50%) the sentence:
+  * one image with its caption, the image before (50%, `image_first_fraction`) or after the
+    sentence:
     `a red circle on a white background . <img>`;
   * two or three images, each later image the previous one with one attribute changed and its
     sentence saying which (`the same shape , now in green .`, `the same colour , now a square .`,
@@ -148,16 +149,21 @@ def changed_scene(rng: np.random.Generator, scene: Scene, attribute: str, *,
 
 def make_document(split: str, index: int, *, seed: int = 0,
                   sizes: tuple[float, float] = (MIN_SIZE, MAX_SIZE),
-                  centred: bool = False) -> Document:
+                  centred: bool = False, image_first_fraction: float = 0.5) -> Document:
   """Document `index` of `split` ("train" or "held_out"), the same on every call; `sizes` and
-  `centred` as in `random_scene` (a config's `data.scene_sizes`, `data.scene_centred`)."""
+  `centred` as in `random_scene` (a config's `data.scene_sizes`, `data.scene_centred`);
+  `image_first_fraction` (`data.image_first_fraction`) of the documents put their images
+  before their sentences (captioning), the others after them (drawing from the text). The
+  random draws do not depend on it: documents differ only in that order."""
+  if not 0.0 <= image_first_fraction <= 1.0:
+    raise ValueError(f"image_first_fraction must be in [0, 1], got {image_first_fraction}")
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; known: {tuple(SPLITS)}")
   rng = np.random.default_rng([seed, SPLITS[split], index])
   num_images = 1
   if rng.random() < MULTI_IMAGE_FRACTION:
     num_images = int(rng.integers(2, MAX_IMAGES_PER_DOCUMENT + 1))
-  image_first = bool(rng.random() < 0.5)
+  image_first = bool(rng.random() < image_first_fraction)
   layout = dict(sizes=tuple(sizes), centred=centred)
   scenes, sentences, changes = [random_scene(rng, **layout)], [], []
   sentences.append(caption_of(scenes[0]))

@@ -38,7 +38,7 @@ from mmi_jax.models.mm_interleaved import MMInterleaved, select_maps
 
 def held_out_scenes(config: Any, count: int) -> list[shapes.Scene]:
   """The first picture of each of the first `count` held-out documents."""
-  layout = pipeline.scene_layout(config.data)
+  layout = pipeline.document_layout(config.data)
   return [shapes.make_document("held_out", index, seed=config.data.seed, **layout).scenes[0]
           for index in range(count)]
 
