@@ -45,10 +45,12 @@ def cache_dir(tmp_path_factory):
 
 
 def environment(cache_dir: str, devices: int) -> dict[str, str]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return env
+  """The session's XLA_FLAGS (tests/conftest.py) with `devices` CPU devices."""
+  flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+           if not flag.startswith("--xla_force_host_platform_device_count=")]
+  flags.append(f"--xla_force_host_platform_device_count={devices}")
+  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", XLA_FLAGS=" ".join(flags))
 
 
 def command(workdir, steps: int, *extra: str) -> list[str]:
