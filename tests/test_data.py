@@ -90,7 +90,7 @@ def test_the_layout_settings_fix_size_and_centre_and_keep_the_documents():
   the documents still vary; impossible sizes are refused."""
   config = demo.get_config()
   layout = pipeline.document_layout(config.data)
-  assert layout == {"sizes": (0.6, 0.6), "centred": True, "image_first_fraction": 0.3}
+  assert layout == {"sizes": (0.6, 0.6), "centred": True, "image_first_fraction": 0.4}
   placed = [shapes.make_document("train", index, **layout) for index in range(30)]
   assert len({document.text() for document in placed}) > 20
   for document in placed:

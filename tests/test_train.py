@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -19,8 +20,9 @@ from PIL import Image
 from configs import demo, tiny
 from mmi_jax import sharding
 from mmi_jax.data import pipeline, shapes
+from mmi_jax.models.vae import AutoencoderKL, VAEConfig
 from mmi_jax.train import checkpoints as checkpoints_lib
-from mmi_jax.train import config_check, loop, vision_fit
+from mmi_jax.train import config_check, loop, vae_fit, vision_fit
 from mmi_jax.train import optimizer as optimizer_lib
 from mmi_jax.train.evaluation import Evaluator
 from mmi_jax.train.train_state import TrainSetup
@@ -305,6 +307,32 @@ def test_the_vision_fit_trains_the_encoder_to_name_the_attributes():
   moved = [path for path in want if not np.array_equal(want[path], got[path])]
   assert moved and all(path.startswith("encoder/") for path in moved)
   assert "encoder/encoder/layers_0/mlp/fc1/kernel" in moved
+
+
+def test_the_vae_fit_reconstructs_the_pictures_better_and_changes_only_the_vae():
+  """`train.vae_fit` (the demo's stand-in for SD's pretrained VAE): the pictures are the
+  training documents' at the decoder's size, the reconstruction error falls, the result is
+  float32 and deterministic, and the fitted VAE keeps its structure."""
+  config = demo.get_config()
+  config.train.vae_fit.update(steps=12, batch_size=4, learning_rate=4e-3)
+  size = config.model.image_decoder.image_size
+  pictures = next(vae_fit.training_pictures(config, 4))
+  assert pictures.shape == (4, size, size, 3) and 0.0 <= pictures.min() < pictures.max() <= 1.0
+  vae = AutoencoderKL(VAEConfig.from_config(config.model.image_decoder.vae))
+  before = nn.meta.unbox(vae.init(jax.random.key(0), pictures[:1])["params"])
+  logged = []
+  fitted, stats = vae_fit.fit_vae(config, before, jax.random.key(1), log=logged.append)
+  assert "vae fit 1/12" in logged[0] and "vae fit 12/12" in logged[-1]
+  first_error = float(logged[0].split("reconstruction error ")[1].split(",")[0])
+  assert stats["vae_reconstruction_error"] < 0.8 * first_error
+  want, got = flat(before), flat(fitted)
+  assert want.keys() == got.keys()
+  assert all(leaf.dtype == np.float32 and leaf.shape == want[path].shape
+             for path, leaf in got.items())
+  assert not np.array_equal(got["decoder/conv_out/kernel"], want["decoder/conv_out/kernel"])
+  again, _ = vae_fit.fit_vae(config, before, jax.random.key(1), log=lambda message: None)
+  for path, leaf in flat(again).items():
+    np.testing.assert_array_equal(leaf, got[path], err_msg=path)
 
 
 # --------------------------------------------------------------------------------------------
