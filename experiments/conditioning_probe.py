@@ -4,7 +4,11 @@
 held-out generation captions: how much the image decoder's conditioning changes when the
 caption names another colour (and against the unconditional embedding), and at several noise
 levels the UNet's noise-prediction error next to how much its prediction moves with the
-caption. Recorded in experiments/PERFORMANCE.md (issue 7).
+caption, its mean squared error with the right caption, one naming another colour and none
+(a UNet that uses its caption errs least with the right one), and how often the picture it
+predicts in one step (x0 from the noisy latents and its prediction, decoded) has the
+requested colour, with the caption and without. Recorded in experiments/PERFORMANCE.md
+(issue 7).
 """
 
 import dataclasses
@@ -68,12 +72,27 @@ def main(workdir: str) -> None:
     noise = jax.random.normal(jax.random.key(timestep), latents.shape)
     timesteps = jnp.full((len(scenes),), timestep)
     noisy = schedule.add_noise(latents, noise, timesteps)
+    # x_t = signal * x0 + sigma * noise, so x0 = (x_t - sigma * eps) / signal.
+    signal = schedule.add_noise(jnp.ones_like(latents), jnp.zeros_like(latents), timesteps)
+    sigma = schedule.add_noise(jnp.zeros_like(latents), jnp.ones_like(latents), timesteps)
+
+    def colour_accuracy(eps):
+      x0 = (noisy - sigma * eps) / signal
+      images = np.asarray(decoder.apply(variables, x0, method=ImageDecoder.decode_latents))
+      images = (images * 255).round().astype(np.uint8)
+      return np.mean([shapes.classify_colour(image, scene.background) == scene.colour
+                      for image, scene in zip(images, scenes)])
+
     predict = lambda c: decoder.apply(variables, noisy, timesteps, c, mmfs_values,  # noqa: E731
                                       mmfs_mask, method=ImageDecoder.denoise)
     with_right, with_other, without = predict(right), predict(other), predict(unconditional)
+    mse = lambda eps: float(jnp.mean(jnp.square(eps - noise)))  # noqa: E731
     print(f"t={timestep}: |eps - noise| {norm(with_right - noise):.2f}, "
           f"|eps(right) - eps(other colour)| {norm(with_right - with_other):.3f}, "
-          f"|eps(right) - eps(unconditional)| {norm(with_right - without):.3f}")
+          f"|eps(right) - eps(unconditional)| {norm(with_right - without):.3f}; "
+          f"MSE right {mse(with_right):.4f} other colour {mse(with_other):.4f} "
+          f"unconditional {mse(without):.4f}; one-step picture of the requested colour: "
+          f"right {colour_accuracy(with_right):.2f} unconditional {colour_accuracy(without):.2f}")
 
 
 if __name__ == "__main__":
