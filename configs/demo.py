@@ -18,7 +18,7 @@ What differs from the release's recipe, and why:
     It has 3 levels for pictures of 32 x 32 (latents 8 x 8, as tiny's 64 x 64 in 4 levels),
     so its fit takes a third of the time. A KL weight of 1e-4 (1e-3 shifted orange towards
     red: 0.62 of the reconstructions kept their colour, 1.0 now); its latents' deviation is
-    about 2.2, so the scaling factor is 0.45 (SD's 0.18215 makes its latents about 1).
+    about 2, so the scaling factor is 0.45 (SD's 0.18215 makes its latents about 1).
   * Nothing pretrained can be downloaded for the LLM either, so the LLM and its text head
     train from scratch (`train.unfreeze`).
   * The Q-Formers' init std is the release's 0.02 scaled to the tiny width (0.02 x
@@ -84,7 +84,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   model.visual_tokenizer.proj_init_std = 0.02
   model.image_decoder.qformer.init_std = 0.1
 
-  # One document per row: at most 3 pictures and 59 tokens.
+  # Two documents per row when their pictures fit the row's 3 slots (a document: at most 3
+  # pictures and 59 tokens).
   config.data.update(batch_size=4, sequence_length=64, documents_per_row=2,
                      max_images_per_sequence=3, train_documents=100_000,
                      held_out_documents=64, scene_sizes=(0.6, 0.6), scene_centred=True,
@@ -95,7 +96,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                log_every=25, eval_every=250, checkpoint_every=250, keep_checkpoints=2)
   train.vision_fit.update(steps=300, batch_size=16, learning_rate=1e-3)
   train.vae_fit.update(steps=800, batch_size=16, learning_rate=4e-3, kl_weight=1e-4)
-  # The fitted latents' standard deviation is about 2.2; SD scales its latents to about 1.
+  # The fitted latents' standard deviation is about 2; SD scales its latents to about 1.
   model.image_decoder.vae.scaling_factor = 0.45
   config.eval.update(caption_documents=64, generation_documents=16, generation_steps=30)
   train.param_groups = ()

@@ -4,7 +4,7 @@ repository root on sys.path.
 XLA_FLAGS must be set before jax is first imported, which is why it is done here. Tests that
 need one device simply use the default device; multi-device tests build meshes over all 8.
 The suite's time is mostly XLA compiling the models' gradients; with LLVM's optimisations off
-the whole model compiles about a third faster (152 s -> 96 s on a CI core) and its programs
+the whole model compiles about a third faster (152 s -> 96 s on one core of a 2-core machine) and its programs
 run a little slower. The tests check values, not speed, and XLA's HLO passes (fusion, sharding)
 are the same; subprocesses that set their own XLA_FLAGS take these
 (`test_train_command.environment`).

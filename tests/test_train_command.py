@@ -4,7 +4,8 @@ uninterrupted run, and two processes of 4 CPU devices each (`jax.distributed` on
 mesh data 2 x fsdp 2 x tensor 2) train the model, save and restore its checkpoint, and after 6
 steps hold the params one process on one device computes.
 
-The runs share a persistent compilation cache, so only the first compiles.
+The runs share a persistent compilation cache: the one-process runs after the first reuse its
+programs (JAX writes entries from process 0 only, so the two-process runs gain little).
 """
 
 from __future__ import annotations
