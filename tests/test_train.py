@@ -19,10 +19,12 @@ from PIL import Image
 
 from configs import demo, tiny
 from mmi_jax import sharding
-from mmi_jax.data import pipeline, shapes
+from mmi_jax.data import pipeline, shapes, tokenizer
+from mmi_jax.models.image_decoder import ImageDecoderConfig
+from mmi_jax.models.unet import UNet2DConditionModel
 from mmi_jax.models.vae import AutoencoderKL, VAEConfig
 from mmi_jax.train import checkpoints as checkpoints_lib
-from mmi_jax.train import config_check, loop, vae_fit, vision_fit
+from mmi_jax.train import config_check, loop, unet_fit, vae_fit, vision_fit
 from mmi_jax.train import optimizer as optimizer_lib
 from mmi_jax.train.evaluation import Evaluator
 from mmi_jax.train.train_state import TrainSetup
@@ -333,6 +335,51 @@ def test_the_vae_fit_reconstructs_the_pictures_better_and_changes_only_the_vae()
   again, _ = vae_fit.fit_vae(config, before, jax.random.key(1), log=lambda message: None)
   for path, leaf in flat(again).items():
     np.testing.assert_array_equal(leaf, got[path], err_msg=path)
+
+
+def test_the_unet_fit_learns_to_draw_captions_and_changes_only_the_unet():
+  """`train.unet_fit` (the demo's stand-in for SD's pretrained UNet): the pairs are the
+  training pictures with their own captions, padded to the conditioning's length (a longer
+  caption is refused), the noise-prediction error falls, the fitted UNet keeps its structure
+  in float32, and `neg_prompt_embeds` comes from the stand-in encoder's empty caption."""
+  config = demo.get_config()
+  config.train.unet_fit.update(steps=6, batch_size=4, learning_rate=3e-3)
+  decoder = config.model.image_decoder
+  length, size = decoder.qformer.num_queries, decoder.image_size
+  pictures, captions = next(unet_fit.training_pairs(config, 4, length))
+  assert pictures.shape == (4, size, size, 3) and 0.0 <= pictures.min() < pictures.max() <= 1.0
+  scenes = next(pipeline.training_scene_batches(config, 4))
+  words = tokenizer.shapes_tokenizer(config.model.tokens.text_vocab_size)
+  for scene, picture, ids in zip(scenes, pictures, captions):
+    np.testing.assert_array_equal(picture, shapes.render(scene, size) / np.float32(255))
+    real = ids[ids != config.model.tokens.pad_id]
+    assert words.decode(real) == shapes.caption_of(scene)
+    assert (ids[len(real):] == config.model.tokens.pad_id).all()
+  with pytest.raises(ValueError, match="more than the conditioning's 3"):
+    next(unet_fit.training_pairs(config, 4, 3))
+
+  image_decoder = ImageDecoderConfig.from_config(config.model)
+  unet = nn.meta.unbox(UNet2DConditionModel(image_decoder.unet).init(
+      jax.random.key(0), np.zeros((1, 8, 8, 4), np.float32), np.zeros((1,), np.int32),
+      np.zeros((1, length, decoder.qformer.hidden_size), np.float32))["params"])
+  vae = nn.meta.unbox(AutoencoderKL(image_decoder.vae).init(
+      jax.random.key(1), pictures[:1])["params"])
+  logged = []
+  fitted, negative, stats = unet_fit.fit_unet(config, {"decoder": {"unet": unet, "vae": vae}},
+                                              jax.random.key(2), log=logged.append)
+  assert "unet fit 1/6" in logged[0] and "unet fit 6/6" in logged[-1]
+  first_error = float(logged[0].split("error ")[1])
+  assert stats["unet_fit_error"] < 0.9 * first_error
+  want, got = flat(unet), flat(fitted)
+  assert want.keys() == got.keys()
+  assert all(leaf.dtype == np.float32 and leaf.shape == want[path].shape
+             for path, leaf in got.items())
+  cross_attention = "down_blocks_0/attentions_0/transformer_blocks_0/attn2/to_k/kernel"
+  assert not np.array_equal(got[cross_attention], want[cross_attention])
+  assert negative.shape == (1, length, decoder.qformer.hidden_size)
+  # Every pad position has the same word vector, so the empty caption's tokens differ only by
+  # their learned positions.
+  assert np.isfinite(negative).all() and not np.allclose(negative[0, 0], negative[0, 1])
 
 
 # --------------------------------------------------------------------------------------------

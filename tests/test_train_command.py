@@ -4,8 +4,9 @@ uninterrupted run, and two processes of 4 CPU devices each (`jax.distributed` on
 mesh data 2 x fsdp 2 x tensor 2) train the model, save and restore its checkpoint, and after 6
 steps hold the params one process on one device computes.
 
-The runs share a persistent compilation cache: the one-process runs after the first reuse its
-programs (JAX writes entries from process 0 only, so the two-process runs gain little).
+The runs use the session's persistent compilation cache (tests/conftest.py): the one-process
+runs reuse the programs of the first and of the tests before them (JAX writes entries from
+process 0 only, so the two-process runs gain less).
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ pytestmark = pytest.mark.xdist_group("train_command")
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("compilation_cache"))
+def cache_dir():
+  """The session's compilation cache (tests/conftest.py)."""
+  return os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
 def environment(cache_dir: str, devices: int) -> dict[str, str]:
@@ -143,9 +145,12 @@ def test_two_processes_train_save_and_restore_like_one(tmp_path, cache_dir, stra
                "--config.distributed.num_processes=2",
                f"--config.distributed.process_id={index}", "--config.mesh.data=2",
                "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
+      # Process 0 compiles each multi-process program and hands it to process 1 (over the
+      # distributed client) instead of both compiling it on the 2 cores.
       processes.append(subprocess.Popen(
           command(tmp_path, steps, *extra), cwd=ROOT, stdout=subprocess.PIPE,
-          stderr=subprocess.PIPE, text=True, env=environment(cache_dir, 4)))
+          stderr=subprocess.PIPE, text=True,
+          env=dict(environment(cache_dir, 4), JAX_SHARE_BINARY_BETWEEN_HOSTS="true")))
     outputs = [p.communicate(timeout=900) for p in processes]
     for process, (stdout, stderr) in zip(processes, outputs):
       assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
