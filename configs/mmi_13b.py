@@ -232,10 +232,10 @@ def get_config() -> ml_collections.ConfigDict:
       # Likewise without CLIP's pretrained ViT: the visual tokenizer's encoder is first fitted
       # to classify the training pictures' attributes (`mmi_jax.train.vision_fit`).
       vision_fit=dict(steps=0, batch_size=16, learning_rate=1e-3),
-      # And without SD's pretrained UNet: it is first fitted to draw the training pictures
-      # from their captions through a stand-in text encoder (`mmi_jax.train.unet_fit`), after
-      # the VAE.
-      unet_fit=dict(steps=0, batch_size=16, learning_rate=1e-3),
+      # And without SD's pretrained UNet: after the VAE, the image decoder's Q-Former and UNet
+      # are first fitted to draw the training pictures from their captions' contexts, with
+      # stand-in vectors for the LLM's states (`mmi_jax.train.decoder_fit`).
+      decoder_fit=dict(steps=0, batch_size=16, learning_rate=1e-3),
       log_every=10,  # steps between log lines and TensorBoard scalars
       eval_every=1000,  # steps between held-out evaluations (0: only at the end)
       checkpoint_every=1000,  # steps between asynchronous Orbax saves

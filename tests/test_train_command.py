@@ -145,12 +145,9 @@ def test_two_processes_train_save_and_restore_like_one(tmp_path, cache_dir, stra
                "--config.distributed.num_processes=2",
                f"--config.distributed.process_id={index}", "--config.mesh.data=2",
                "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
-      # Process 0 compiles each multi-process program and hands it to process 1 (over the
-      # distributed client) instead of both compiling it on the 2 cores.
       processes.append(subprocess.Popen(
           command(tmp_path, steps, *extra), cwd=ROOT, stdout=subprocess.PIPE,
-          stderr=subprocess.PIPE, text=True,
-          env=dict(environment(cache_dir, 4), JAX_SHARE_BINARY_BETWEEN_HOSTS="true")))
+          stderr=subprocess.PIPE, text=True, env=environment(cache_dir, 4)))
     outputs = [p.communicate(timeout=900) for p in processes]
     for process, (stdout, stderr) in zip(processes, outputs):
       assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]

@@ -55,7 +55,7 @@ def document_layout(data_config: Any) -> dict[str, Any]:
 def training_scene_batches(config: Any, batch_size: int, *, seed_offset: int = 0
                            ) -> Iterator[list[shapes.Scene]]:
   """Endless batches of `batch_size` training pictures (for `mmi_jax.train.vae_fit`,
-  `vision_fit` and `unet_fit`): each from the next documents, in order, whole but for the last one's
+  `vision_fit` and `decoder_fit`): each from the next documents, in order, whole but for the last one's
   pictures past `batch_size`, which are dropped."""
   layout = document_layout(config.data)
   index = 0

@@ -7,8 +7,8 @@
   2. restores the latest checkpoint of `workdir` (state and data position; refused if it is
      of another model), or starts afresh: params initialised (or loaded from
      `train.init_checkpoint`, a release checkpoint), the vision encoder fitted if
-     `train.vision_fit.steps`, the VAE if `train.vae_fit.steps`, then the UNet if
-     `train.unet_fit.steps`;
+     `train.vision_fit.steps`, the VAE if `train.vae_fit.steps`, then the image decoder's
+     Q-Former and UNet if `train.decoder_fit.steps`;
   3. runs `train.steps` optimizer steps, each on `gradient_accumulation_steps` batches of
      this process's rows, assembled into global arrays
      (`jax.make_array_from_process_local_data`) split over the batch axes;
@@ -43,7 +43,7 @@ from mmi_jax.train.evaluation import Evaluator
 from mmi_jax.train.optimizer import merge_params
 from mmi_jax.train.train_state import TrainSetup, batch_shardings
 from mmi_jax.train.train_step import compile_train_step
-from mmi_jax.train.unet_fit import fit_unet
+from mmi_jax.train.decoder_fit import fit_decoder
 from mmi_jax.train.vae_fit import fit_vae
 from mmi_jax.train.vision_fit import fit_vision_encoder
 
@@ -142,7 +142,7 @@ class _Logger:
 def initial_params(setup: TrainSetup, config: Any, rng: jax.Array,
                    log: Callable[[str], None]) -> dict[str, Any]:
   """Fresh params: initialised (or a release checkpoint's), the vision encoder, the VAE and
-  then the UNet fitted if configured."""
+  then the image decoder's Q-Former and UNet fitted if configured."""
   train = config.train
   if train.init_checkpoint:
     log(f"loading {train.init_checkpoint}")
@@ -160,14 +160,11 @@ def initial_params(setup: TrainSetup, config: Any, rng: jax.Array,
     decoder = params["image_decoder"]["decoder"]
     decoder["vae"], stats = fit_vae(config, decoder["vae"], jax.random.fold_in(rng, 1), log=log)
     log(f"vae fitted: {stats}")
-  if train.unet_fit.steps and config.model.image_decoder is not None:
+  if train.decoder_fit.steps and config.model.image_decoder is not None:
     params = jax.device_get(params)
-    image_decoder = params["image_decoder"]
-    image_decoder["decoder"]["unet"], negative, stats = fit_unet(
-        config, image_decoder, jax.random.fold_in(rng, 3), log=log)
-    if negative is not None:
-      image_decoder["neg_prompt_embeds"] = negative.astype(image_decoder["neg_prompt_embeds"].dtype)
-    log(f"unet fitted: {stats}")
+    params["image_decoder"], stats = fit_decoder(config, params["image_decoder"],
+                                                 jax.random.fold_in(rng, 3), log=log)
+    log(f"image decoder fitted: {stats}")
   shardings = setup.state_shardings
   return jax.device_put(params, merge_params(shardings.params, shardings.frozen))
 
