@@ -10,9 +10,9 @@ the same with the right caption, another one or none. Fitting the UNet alone fir
 stand-in text encoder, does not help either: the from-scratch Q-Former still writes nothing the
 UNet reads.
 
-So the training command first fits the image decoder's own path, Q-Former and UNet together,
-as the release's training would shape it, with a stand-in for the LLM's states: each training
-picture is drawn (noised at a uniform timestep; the UNet predicts the noise) from the context
+When configured, the training command first fits the image decoder's own path, Q-Former and
+UNet together, as the release's training would shape it, with a stand-in for the LLM's
+states: each training picture is drawn (noised at a uniform timestep; the UNet predicts the noise) from the context
 of a caption-then-picture document, `<s>`, the caption's words and soi, reversed (soi first),
 each token a learned vector of the LLM's width, plus the 1-D sin-cos table the model adds
 (`MMInterleaved._decoder_inputs`). With probability `uncond_prob` the conditioning is
@@ -21,6 +21,10 @@ the MMFS net takes no part (it adds nothing until trained: its output convolutio
 zero). The stand-in vectors are then dropped: in training, `context_feat_proj` (a linear map,
 from scratch as in the release) learns to write the LLM's states where the fitted Q-Former
 reads them. `config.train.decoder_fit.steps = 0` (the default) skips this.
+
+Measured on the demo (experiments/PERFORMANCE.md, fifth session) it has not yet made the
+generated pictures follow their captions (1 of 16 at step 500, sharper shapes than without),
+so `configs/demo.py` leaves it off.
 """
 
 from __future__ import annotations
