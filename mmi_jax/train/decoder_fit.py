@@ -12,9 +12,10 @@ UNet reads.
 
 When configured, the training command first fits the image decoder's own path, Q-Former and
 UNet together, as the release's training would shape it, with a stand-in for the LLM's
-states: each training picture is drawn (noised at a uniform timestep; the UNet predicts the noise) from the context
-of a caption-then-picture document, `<s>`, the caption's words and soi, reversed (soi first),
-each token a learned vector of the LLM's width, plus the 1-D sin-cos table the model adds
+states: each training picture is drawn (noised at a uniform timestep; the UNet predicts the
+noise) from the context of a caption-then-picture document, `<s>`, the caption's words and
+soi, reversed (soi first), each token a learned vector of the LLM's width, plus the 1-D
+sin-cos table the model adds
 (`MMInterleaved._decoder_inputs`). With probability `uncond_prob` the conditioning is
 `neg_prompt_embeds`, as in training. The latents come from the (already fitted, frozen) VAE;
 the MMFS net takes no part (it adds nothing until trained: its output convolutions start at
