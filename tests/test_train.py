@@ -23,7 +23,7 @@ from mmi_jax.data import pipeline, shapes, tokenizer
 from mmi_jax.models.image_decoder import ImageDecoder, ImageDecoderConfig
 from mmi_jax.models.vae import AutoencoderKL, VAEConfig
 from mmi_jax.train import checkpoints as checkpoints_lib
-from mmi_jax.train import config_check, decoder_fit, loop, vae_fit, vision_fit
+from mmi_jax.train import background, config_check, decoder_fit, loop, vae_fit, vision_fit
 from mmi_jax.train import optimizer as optimizer_lib
 from mmi_jax.train.evaluation import Evaluator
 from mmi_jax.train.train_state import TrainSetup
@@ -170,12 +170,14 @@ def check_optimizer_state_covers_only_trainable_params(state):
 def test_the_picture_evaluation_scores_the_pictures_its_grid_shows(tmp_path):
   """The held-out picture evaluation: its grid holds (real, VAE reconstruction, generated)
   for each caption, its two colour accuracies are those of the grid's pictures, and the
-  generated pictures depend on the rng and the reconstructions do not."""
+  generated pictures depend on the rng and the reconstructions do not. Its programs are
+  compiled ahead of time on a background thread, as the training command does."""
   config, setup, _, state, _ = two_whole_model_steps()
   config = config.copy_and_resolve_references()
   config.eval.update(caption_documents=0, generation_documents=4, generation_steps=2)
   evaluator = Evaluator(config, setup.model, setup.mesh)
   params = state.all_params()
+  evaluator.compile_ahead(params, background.Worker())
   results = evaluator(params, jax.random.key(7), step=2, workdir=str(tmp_path))
   grid = np.asarray(Image.open(results["picture_grid"]))
   size, pad = config.model.image_decoder.image_size, 2

@@ -11,15 +11,18 @@
     the VAE's reconstructions of the real pictures (encoded to the latent mean, decoded) is
     what the diffusion model could at best reach with this VAE.
 
-`Evaluator` compiles each function once; its calls are collective (every process of a
-multi-host run calls them with the same held-out data, replicated).
+`Evaluator` compiles each function once, when first called or ahead of time (`compile_ahead`,
+which the training command runs in a background thread while it trains); its calls are
+collective (every process of a multi-host run calls them with the same held-out data,
+replicated).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +37,7 @@ from mmi_jax.data.tokenizer import shapes_tokenizer
 from mmi_jax.models import multimodal_inputs as mm_inputs
 from mmi_jax.models.image_decoder import ImageDecoder
 from mmi_jax.models.mm_interleaved import MMInterleaved, select_maps
+from mmi_jax.train.background import Worker
 
 
 def held_out_scenes(config: Any, count: int) -> list[shapes.Scene]:
@@ -76,11 +80,46 @@ class Evaluator:
     self.caption_scenes = held_out_scenes(config, evaluation.caption_documents)
     self.generation_scenes = held_out_scenes(config, evaluation.generation_documents)
     self._replicated = NamedSharding(mesh, PartitionSpec())
+    self._compiled: dict[str, concurrent.futures.Future] = {}
 
   def _put(self, tree: Any) -> Any:
     """Host arrays, identical on every process, as replicated global arrays."""
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(self._replicated, np.asarray(x)), tree)
+
+  def _replicated_like(self, tree: Any) -> Any:
+    """Shape structs of `_put(tree)`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                                       sharding=self._replicated), tree)
+
+  def _programs(self) -> dict[str, tuple[Callable[..., Any], tuple[Any, ...]]]:
+    """`{name: (jitted function, its arguments after params, as shape structs)}` of the
+    evaluations this config runs."""
+    programs = {}
+    if self.caption_scenes:
+      ids, images, _ = self.caption_prompts()
+      programs["captions"] = (self._decode_captions, self._replicated_like((ids, images)))
+    if self.model.image_decoder is not None and self.generation_scenes:
+      size = self.config.model.image_decoder.image_size
+      pixels = np.zeros((len(self.generation_scenes), size, size, 3), np.float32)
+      rng = jax.random.key_data(jax.random.key(0))
+      programs["generate"] = (self._generate,
+                              self._replicated_like((self.generation_batch(), rng)))
+      programs["reconstruct"] = (self._reconstruct, self._replicated_like((pixels,)))
+    return programs
+
+  def compile_ahead(self, params: Any, worker: Worker) -> None:
+    """Lowers the evaluation's programs here for params shaped and placed like `params`
+    (`jax.ShapeDtypeStruct`s with shardings, or arrays) and compiles them on `worker`; the
+    evaluations then run those."""
+    for name, (function, args) in self._programs().items():
+      with sharding.use_mesh(self.mesh):
+        lowered = function.lower(params, *args)
+      self._compiled[name] = worker.submit(lowered.compile)
+
+  def _program(self, name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """The program compiled ahead of time for `name` (waiting for it), else `function`."""
+    return self._compiled[name].result() if name in self._compiled else function
 
   # --- captions --------------------------------------------------------------------------
 
@@ -116,7 +155,8 @@ class Evaluator:
     """Greedy captions of the held-out pictures and their accuracy."""
     ids, images, expected = self.caption_prompts()
     with sharding.use_mesh(self.mesh):
-      generated = np.asarray(self._decode_captions(params, *self._put((ids, images))))
+      decode = self._program("captions", self._decode_captions)
+      generated = np.asarray(decode(params, *self._put((ids, images))))
     predicted = [caption_words(row, self.tokenizer, self.tokens) for row in generated]
     exact = [p == e for p, e in zip(predicted, expected)]
     results = {"caption_accuracy": float(np.mean(exact))}
@@ -149,7 +189,8 @@ class Evaluator:
   def _generate(self):
     model, evaluation = self.model, self.config.eval
 
-    def generate(params, batch, rng):
+    def generate(params, batch, rng_data):
+      rng = jax.random.wrap_key_data(rng_data)
       inputs = model.apply({"params": params}, batch, method=MMInterleaved.image_decoder_inputs)
       return image_generation.generate_images(
           model.image_decoder, params["image_decoder"], inputs["context"],
@@ -182,9 +223,11 @@ class Evaluator:
     size = self.config.model.image_decoder.image_size
     real = np.stack([shapes.render(scene, size) for scene in self.generation_scenes])
     with sharding.use_mesh(self.mesh):
-      generated = np.asarray(self._generate(params, self._put(batch), rng))
+      generate = self._program("generate", self._generate)
+      generated = np.asarray(generate(params, *self._put((batch, jax.random.key_data(rng)))))
       real_pixels = self._put((real / 255.0).astype(np.float32))
-      reconstructed = np.asarray(self._reconstruct(params, real_pixels))
+      reconstruct = self._program("reconstruct", self._reconstruct)
+      reconstructed = np.asarray(reconstruct(params, real_pixels))
     to_uint8 = lambda images: (images * 255).round().astype(np.uint8)  # noqa: E731
     generated, reconstructed = to_uint8(generated), to_uint8(reconstructed)
     triples = [list(images) for images in zip(real, reconstructed, generated)]

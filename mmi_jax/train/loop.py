@@ -8,7 +8,8 @@
      of another model), or starts afresh: params initialised (or loaded from
      `train.init_checkpoint`, a release checkpoint), the vision encoder fitted if
      `train.vision_fit.steps`, the VAE if `train.vae_fit.steps`, then the image decoder's
-     Q-Former and UNet if `train.decoder_fit.steps`;
+     Q-Former and UNet if `train.decoder_fit.steps`; meanwhile a background thread compiles
+     the train step and the evaluation's programs, lowered from shapes alone (`background`);
   3. runs `train.steps` optimizer steps, each on `gradient_accumulation_steps` batches of
      this process's rows, assembled into global arrays
      (`jax.make_array_from_process_local_data`) split over the batch axes;
@@ -37,12 +38,12 @@ from mmi_jax import batch as batch_lib
 from mmi_jax import sharding
 from mmi_jax.convert import release
 from mmi_jax.data import pipeline
-from mmi_jax.train import config_check
+from mmi_jax.train import background, config_check
 from mmi_jax.train.checkpoints import Checkpoints
 from mmi_jax.train.evaluation import Evaluator
 from mmi_jax.train.optimizer import merge_params
 from mmi_jax.train.train_state import TrainSetup, batch_shardings
-from mmi_jax.train.train_step import compile_train_step
+from mmi_jax.train.train_step import lower_train_step
 from mmi_jax.train.decoder_fit import fit_decoder
 from mmi_jax.train.vae_fit import fit_vae
 from mmi_jax.train.vision_fit import fit_vision_encoder
@@ -193,14 +194,26 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
                             image_slots=pipeline.image_slots_per_row(config.data))
   iterator = iter(train_data)
   checkpoints = Checkpoints(workdir, config)
+  latest = checkpoints.latest_step()
+  if latest is not None:
+    checkpoints.check_architecture(latest)
+  # The train step and the evaluation are lowered from shapes alone and compiled in the
+  # background while the params are initialised, fitted or restored (`background`).
+  worker = background.Worker()
+  leading = (accumulation,) if accumulation > 1 else ()
+  compiling = worker.submit(lower_train_step(setup, jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leading + leaf.shape, leaf.dtype), example),
+      accumulation).compile)
+  evaluator = Evaluator(config, setup.model, mesh)
+  abstract_state = setup.abstract_state()
+  evaluator.compile_ahead(merge_params(abstract_state.params, abstract_state.frozen), worker)
   key = jax.random.key(int(config.seed))
-  if checkpoints.latest_step() is not None:
-    state = checkpoints.restore(setup, iterator)
+  if latest is not None:
+    state = checkpoints.restore(setup, iterator, latest)
     logger.log(f"resumed from {checkpoints.directory} at step {int(state.step)}")
   else:
     params = initial_params(setup, config, key, logger.log)
     state = setup.state_from_params(params, jax.random.fold_in(key, 2))
-  evaluator = Evaluator(config, setup.model, mesh)
 
   def evaluate(state) -> dict[str, Any]:
     step = int(state.step)
@@ -223,7 +236,7 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
       skipped += stats["skipped"]
     return global_batch(batches, mesh), skipped
 
-  step_fn = None
+  step_fn = None  # the compiled train step, once the first batch needs it
   skipped_total = 0
   results: dict[str, Any] = {}
   rows_per_step = config.data.batch_size * accumulation
@@ -233,7 +246,9 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
       batch, skipped = next_batch()
       skipped_total += skipped
       if step_fn is None:
-        step_fn = compile_train_step(setup, batch, accumulation)
+        waited = time.perf_counter()
+        step_fn = compiling.result()
+        logger.log(f"train step compiled ({time.perf_counter() - waited:.0f} s waited for it)")
       state, metrics = step_fn(state, batch)
       step = int(state.step)
       window_steps += 1

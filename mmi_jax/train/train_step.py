@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -85,27 +86,37 @@ def train_step(setup: TrainSetup, state: TrainState, batch: Batch, accumulation:
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def compile_train_step(setup: TrainSetup, batch: Batch, accumulation: int = 1
-                       ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """`train_step` under `jax.jit` for batches shaped like `batch`: the state in and out in
-  `setup.state_shardings` (the input state is donated), the batch split over the batch axes,
-  metrics replicated.
+def lower_train_step(setup: TrainSetup, batch: Batch, accumulation: int = 1
+                     ) -> jax.stages.Lowered:
+  """`train_step` under `jax.jit`, lowered for batches shaped like `batch`: the state in and
+  out in `setup.state_shardings` (the input state is donated), the batch split over the batch
+  axes, metrics replicated.
+
+  It needs shapes only (`setup.abstract_state()` and `batch`'s), so the training command
+  compiles the result (`.compile()`, XLA's part and most of the time) in a background thread
+  while the params are initialised, fitted or restored.
 
   Args:
-    batch: a batch of the training shape (with the micro-batch axis when `accumulation` > 1).
+    batch: arrays or `jax.ShapeDtypeStruct`s of the training shape (with the micro-batch axis
+      when `accumulation` > 1).
   """
   mesh = setup.mesh
+  batch = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype), batch)
   replicated = NamedSharding(mesh, PartitionSpec())
   step = jax.jit(functools.partial(train_step, setup, accumulation=accumulation),
                  in_shardings=(setup.state_shardings,
                                batch_shardings(batch, mesh, int(accumulation > 1))),
                  out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
-
-  def run(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    with sharding.use_mesh(mesh):
-      return step(state, batch)
-
-  return run
+  state = setup.abstract_state()
+  with sharding.use_mesh(mesh):
+    return step.lower(state, batch)
 
 
-__all__ = ["METRICS", "compile_train_step", "loss_and_grads", "micro_batch_loss", "train_step"]
+def compile_train_step(setup: TrainSetup, batch: Batch, accumulation: int = 1
+                       ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """`lower_train_step(...)` compiled: `(state, batch) -> (state, metrics)`."""
+  return lower_train_step(setup, batch, accumulation).compile()
+
+
+__all__ = ["METRICS", "compile_train_step", "loss_and_grads", "lower_train_step", "micro_batch_loss",
+           "train_step"]
