@@ -22,9 +22,11 @@ from mmi_jax.models import mm_interleaved as mmi
 from random_params import random_params
 
 # The demo's model: every component of the release (MMFS in the LLM, the MMFS net in the UNet),
-# with fewer layers, so that the 8-device gradient compiles in minutes on a CI CPU. The release's
-# layer pattern (tiny widths) is compared with PyTorch in test_mm_interleaved_reference.py.
+# with fewer layers, so that the 8-device gradient compiles in minutes on a CI CPU; the LLM has
+# 2 (MMFS in the first, a plain one after). The release's layer pattern (tiny widths) is
+# compared with PyTorch in test_mm_interleaved_reference.py.
 CONFIG = demo.get_config().model
+CONFIG.llm.num_layers = 2
 TOKENS = CONFIG.tokens
 BOS, EOS, PAD, SOI, IMG = (TOKENS.bos_id, TOKENS.eos_id, TOKENS.pad_id, TOKENS.soi_id,
                            TOKENS.image_id)
