@@ -205,8 +205,7 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
       lambda leaf: jax.ShapeDtypeStruct(leading + leaf.shape, leaf.dtype), example),
       accumulation).compile)
   evaluator = Evaluator(config, setup.model, mesh)
-  abstract_state = setup.abstract_state()
-  evaluator.compile_ahead(merge_params(abstract_state.params, abstract_state.frozen), worker)
+  evaluator.compile_ahead(setup.abstract_state().all_params(), worker)
   key = jax.random.key(int(config.seed))
   if latest is not None:
     state = checkpoints.restore(setup, iterator, latest)
