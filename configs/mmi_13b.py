@@ -232,10 +232,15 @@ def get_config() -> ml_collections.ConfigDict:
       # Likewise without CLIP's pretrained ViT: the visual tokenizer's encoder is first fitted
       # to classify the training pictures' attributes (`mmi_jax.train.vision_fit`).
       vision_fit=dict(steps=0, batch_size=16, learning_rate=1e-3),
-      # And without SD's pretrained UNet: after the VAE, the image decoder's Q-Former and UNet
-      # are first fitted to draw the training pictures from their captions' contexts, with
-      # stand-in vectors for the LLM's states (`mmi_jax.train.decoder_fit`).
-      decoder_fit=dict(steps=0, batch_size=16, learning_rate=1e-3),
+      # Without Vicuna's: the LLM and its text head are first fitted to the training
+      # documents' text, images left out (`mmi_jax.train.llm_fit`).
+      llm_fit=dict(steps=0, batch_size=16, learning_rate=1e-3),
+      # And without SD's pretrained UNet: after the VAE (and the LLM), the image decoder's
+      # Q-Former and UNet are first fitted to draw the training pictures from their
+      # captions' contexts (`mmi_jax.train.decoder_fit`); `context` "stand_in": learned
+      # vectors stand in for the LLM's states, "llm": the frozen LLM's states through
+      # `context_feat_proj`, which is fitted too.
+      decoder_fit=dict(steps=0, batch_size=16, learning_rate=1e-3, context="stand_in"),
       log_every=10,  # steps between log lines and TensorBoard scalars
       eval_every=1000,  # steps between held-out evaluations (0: only at the end)
       checkpoint_every=1000,  # steps between asynchronous Orbax saves

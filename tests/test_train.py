@@ -21,9 +21,11 @@ from configs import demo, tiny
 from mmi_jax import sharding
 from mmi_jax.data import pipeline, shapes, tokenizer
 from mmi_jax.models.image_decoder import ImageDecoder, ImageDecoderConfig
+from mmi_jax.models.linear import Linear
 from mmi_jax.models.vae import AutoencoderKL, VAEConfig
 from mmi_jax.train import checkpoints as checkpoints_lib
-from mmi_jax.train import background, config_check, decoder_fit, loop, vae_fit, vision_fit
+from mmi_jax.train import (background, config_check, decoder_fit, llm_fit, loop, vae_fit,
+                           vision_fit)
 from mmi_jax.train import optimizer as optimizer_lib
 from mmi_jax.train.evaluation import Evaluator
 from mmi_jax.train.train_state import TrainSetup
@@ -373,11 +375,20 @@ def test_the_decoder_fit_learns_to_draw_captions_and_changes_only_its_params():
                                             np.float32), mask, None, None,
       rng=jax.random.key(1))["params"])
   logged = []
-  fitted, stats = decoder_fit.fit_decoder(config, before, jax.random.key(2), log=logged.append)
+  fitted, stats = decoder_fit.fit_decoder(config, {"image_decoder": before}, jax.random.key(2),
+                                          log=logged.append)
   assert "decoder fit 1/6" in logged[0] and "decoder fit 6/6" in logged[-1]
   first_error = float(logged[0].split("error ")[1])
   assert stats["decoder_fit_error"] < 0.9 * first_error
-  want, got = flat(before), flat(fitted)
+  assert fitted.keys() == {"image_decoder"}
+  moved = check_fitted_decoder(before, fitted["image_decoder"])
+  assert any(path.startswith("perceiver_resampler/") for path in moved)
+
+
+def check_fitted_decoder(before, after):
+  """Same structure, float32; only the Q-Former, `neg_prompt_embeds` and the UNet moved.
+  Returns the moved paths."""
+  want, got = flat(before), flat(after)
   assert want.keys() == got.keys()
   assert all(leaf.dtype == np.float32 and leaf.shape == want[path].shape
              for path, leaf in got.items())
@@ -387,7 +398,91 @@ def test_the_decoder_fit_learns_to_draw_captions_and_changes_only_its_params():
   assert {"neg_prompt_embeds", "decoder/unet/conv_in/kernel",
           "decoder/unet/down_blocks_0/attentions_0/transformer_blocks_0/attn2/to_k/kernel",
           } <= moved
-  assert any(path.startswith("perceiver_resampler/") for path in moved)
+  return moved
+
+
+def test_contexts_in_reading_order_are_the_model_s_documents():
+  """`forward_order` turns the decoder's contexts (soi first) back into `<s> caption soi`."""
+  config = demo.get_config()
+  tokens = config.model.tokens
+  words = tokenizer.shapes_tokenizer(tokens.text_vocab_size)
+  _, ids, mask = next(decoder_fit.training_pairs(config, 4))
+  forward = np.asarray(decoder_fit.forward_order(ids, mask))
+  for scene, row, row_mask in zip(next(pipeline.training_scene_batches(config, 4)), forward,
+                                  mask):
+    real = row[row_mask == 1]
+    assert real[0] == tokens.bos_id and real[-1] == tokens.soi_id
+    assert words.decode(real[1:-1]) == shapes.caption_of(scene)
+    assert (row[len(real):] == tokens.pad_id).all()
+
+
+@TEXT_ONLY_GROUP
+def test_the_llm_fit_learns_the_documents_text_and_changes_only_the_language_model():
+  """`train.llm_fit` (the demo's stand-in for Vicuna): rows are training documents' ids
+  without `<|image|>` ids (a soi where each picture was), the text loss falls, and only the
+  language model's params change."""
+  config = small_config("text_only")
+  config.train.llm_fit.update(steps=8, batch_size=4, learning_rate=3e-3)
+  tokens = config.model.tokens
+  ids, mask = next(llm_fit.training_text(config, 4))
+  assert ids.shape == mask.shape == (4, config.data.sequence_length)
+  words = tokenizer.shapes_tokenizer(tokens.text_vocab_size)
+  layout = pipeline.document_layout(config.data)
+  for index, (row, row_mask) in enumerate(zip(ids, mask)):
+    document = shapes.make_document("train", index, seed=config.data.seed, **layout)
+    real = row[row_mask == 1]
+    assert real[0] == tokens.bos_id and real[-1] == tokens.eos_id
+    assert tokens.image_id not in real and (real == tokens.soi_id).sum() == len(document.scenes)
+    sentences = [segment for segment in document.segments if isinstance(segment, str)]
+    assert words.decode(real[real != tokens.soi_id][1:-1]) == " ".join(sentences)
+  short = config.copy_and_resolve_references()
+  short.data.sequence_length = 4
+  with pytest.raises(ValueError, match="more than data.sequence_length 4"):
+    next(llm_fit.training_text(short, 4))
+
+  before = text_only_params()
+  logged = []
+  fitted, stats = llm_fit.fit_llm(config, before, jax.random.key(0), log=logged.append)
+  assert "llm fit 1/8" in logged[0] and "llm fit 8/8" in logged[-1]
+  assert stats["llm_fit_text_loss"] < 0.9 * float(logged[0].split("loss ")[1])
+  want, got = flat(before), flat(fitted)
+  assert want.keys() == got.keys()
+  moved = {path for path in want if not np.array_equal(want[path], got[path])}
+  assert moved and all(path.startswith(llm_fit.LANGUAGE_PARAMS) for path in moved)
+  assert any(path.startswith("mm_decoder/") for path in moved)
+  assert any(path.startswith("text_decoder/") for path in moved)
+
+
+@TEXT_ONLY_GROUP
+def test_the_decoder_fit_reading_the_llm_fits_context_feat_proj_and_keeps_the_llm():
+  """`train.decoder_fit.context = "llm"`: the frozen LLM's states through
+  `context_feat_proj`, which is fitted with the Q-Former and the UNet; the LLM stays."""
+  config = demo.get_config()
+  config.model.llm.num_layers = LLM_LAYERS
+  config.train.decoder_fit.update(steps=6, batch_size=4, learning_rate=3e-3, context="llm")
+  pictures, ids, mask = next(decoder_fit.training_pairs(config, 4))
+  width = config.model.llm.hidden_size
+  decoder = nn.meta.unbox(build_image_decoder(config).init(
+      jax.random.key(0), pictures, np.zeros((4, ids.shape[1], width), np.float32), mask, None,
+      None, rng=jax.random.key(1))["params"])
+  projection = nn.meta.unbox(
+      Linear(width).init(jax.random.key(3), np.zeros((1, width)))["params"])
+  before = dict(text_only_params(), image_decoder=decoder, context_feat_proj=projection)
+  logged = []
+  fitted, stats = decoder_fit.fit_decoder(config, before, jax.random.key(2), log=logged.append)
+  assert stats["decoder_fit_error"] < 0.9 * float(logged[0].split("error ")[1])
+  assert fitted.keys() == before.keys()
+  check_fitted_decoder(decoder, fitted["image_decoder"])
+  language = {name: before[name] for name in llm_fit.LANGUAGE_PARAMS}
+  for path, leaf in flat(language).items():
+    np.testing.assert_array_equal(flat({name: fitted[name] for name in language})[path], leaf,
+                                  err_msg=path)
+  assert all(not np.array_equal(flat(fitted["context_feat_proj"])[path], leaf)
+             for path, leaf in flat(projection).items())
+  bad = config.copy_and_resolve_references()
+  bad.train.decoder_fit.context = "clip"
+  with pytest.raises(ValueError, match="train.decoder_fit.context must be one of"):
+    decoder_fit.fit_decoder(bad, before, jax.random.key(2))
 
 
 def build_image_decoder(config):

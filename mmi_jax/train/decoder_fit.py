@@ -11,21 +11,23 @@ stand-in text encoder, does not help either: the from-scratch Q-Former still wri
 UNet reads.
 
 When configured, the training command first fits the image decoder's own path, Q-Former and
-UNet together, as the release's training would shape it, with a stand-in for the LLM's
-states: each training picture is drawn (noised at a uniform timestep; the UNet predicts the
-noise) from the context of a caption-then-picture document, `<s>`, the caption's words and
-soi, reversed (soi first), each token a learned vector of the LLM's width, plus the 1-D
-sin-cos table the model adds
-(`MMInterleaved._decoder_inputs`). With probability `uncond_prob` the conditioning is
-`neg_prompt_embeds`, as in training. The latents come from the (already fitted, frozen) VAE;
-the MMFS net takes no part (it adds nothing until trained: its output convolutions start at
-zero). The stand-in vectors are then dropped: in training, `context_feat_proj` (a linear map,
-from scratch as in the release) learns to write the LLM's states where the fitted Q-Former
-reads them. `config.train.decoder_fit.steps = 0` (the default) skips this.
-
-Measured on the demo (experiments/PERFORMANCE.md, fifth session) it has not yet made the
-generated pictures follow their captions (1 of 16 at step 500, sharper shapes than without),
-so `configs/demo.py` leaves it off.
+UNet together, as the release's training would shape it: each training picture is drawn
+(noised at a uniform timestep; the UNet predicts the schedule's target) from the context of a
+caption-then-picture document, `<s>`, the caption's words and soi, reversed (soi first), as the
+model builds it (`MMInterleaved._decoder_inputs`), plus the 1-D sin-cos table. With
+probability `uncond_prob` the conditioning is `neg_prompt_embeds`, as in training. The latents
+come from the (already fitted, frozen) VAE; the MMFS net takes no part (it adds nothing until
+trained: its output convolutions start at zero). Where the context's states come from is
+`train.decoder_fit.context`:
+  * "stand_in": each token a learned vector of the LLM's width, dropped after the fit; in
+    training, `context_feat_proj` (from scratch, as in the release) must learn to write the
+    LLM's states where the fitted Q-Former reads them.
+  * "llm": the model's own LLM, frozen, on `<s> caption soi`, through `context_feat_proj`,
+    which the fit trains too: training then starts with the whole path in place. The LLM is
+    the one the fit is given (fitted to the documents' text by `mmi_jax.train.llm_fit`,
+    Vicuna's stand-in, or as initialised).
+`config.train.decoder_fit.steps = 0` (the default) skips this. experiments/PERFORMANCE.md has
+what each gives on the demo.
 """
 
 from __future__ import annotations
@@ -39,10 +41,15 @@ import optax
 
 from mmi_jax.data import pipeline, shapes, tokenizer
 from mmi_jax.models.image_decoder import ImageDecoder, ImageDecoderConfig
+from mmi_jax.models.linear import Linear
+from mmi_jax.models.mm_interleaved import image_contexts
+from mmi_jax.models.multimodal_lm import MultimodalLM
 from mmi_jax.models.sincos import sincos_1d
+from mmi_jax.train.llm_fit import LANGUAGE_PARAMS
 
 # The image decoder's params the fit trains; the VAE (frozen) and the MMFS net are kept.
 FITTED = ("perceiver_resampler", "neg_prompt_embeds")
+CONTEXTS = ("stand_in", "llm")  # `train.decoder_fit.context`
 
 
 def training_pairs(config: Any, batch_size: int
@@ -86,37 +93,69 @@ def merge_fitted(fitted: dict[str, Any], kept: dict[str, Any]) -> dict[str, Any]
   return merged
 
 
-def fit_decoder(config: Any, decoder_params: Any, rng: jax.Array,
-                log: Callable[[str], None] = print) -> tuple[Any, dict[str, float]]:
-  """`config.train.decoder_fit.steps` Adam steps of the Q-Former, `neg_prompt_embeds`, the
-  UNet and the stand-in context vectors on the image decoder's diffusion loss.
+def forward_order(ids: jax.Array, mask: jax.Array) -> jax.Array:
+  """`ids [B, Lc]` of contexts in the decoder's order (soi first, left-aligned, `mask` 1 on
+  the real ones) -> the same tokens in reading order (`<s>` first), left-aligned."""
+  lengths = jnp.sum(mask, axis=1, keepdims=True)
+  positions = jnp.clip(lengths - 1 - jnp.arange(ids.shape[1])[None, :], 0, ids.shape[1] - 1)
+  return jnp.where(mask == 1, jnp.take_along_axis(ids, positions, axis=1), ids)
+
+
+def _context_source(config: Any, params: Any, rng: jax.Array
+                    ) -> tuple[dict[str, Any], Callable[..., jax.Array]]:
+  """`(trained, context)`: the context's trainable params and `context(trained, ids, mask)`
+  -> `[B, Lc, llm.hidden_size]`, for `train.decoder_fit.context`."""
+  source = config.train.decoder_fit.get("context", "stand_in")
+  if source not in CONTEXTS:
+    raise ValueError(f"train.decoder_fit.context must be one of {CONTEXTS}, got {source!r}")
+  length = int(config.model.image_decoder.max_context_length)
+  width = int(config.model.llm.hidden_size)
+  table = jnp.asarray(sincos_1d(width, np.arange(length)))
+  if source == "stand_in":
+    # Unit-scale token vectors, as the LLM's (normalised) states through a fresh projection.
+    vectors = jax.random.normal(rng, (int(config.model.tokens.vocab_size), width))
+    return {"context_vectors": vectors}, lambda trained, ids, mask: (
+        trained["context_vectors"][ids] + table)
+
+  language = MultimodalLM.from_config(config.model)
+  frozen = {name: params[name] for name in LANGUAGE_PARAMS}
+  projection = Linear(width)  # the model's `context_feat_proj`
+
+  def context(trained, ids, mask):
+    hidden = language.apply({"params": frozen}, forward_order(ids, mask), mask)["hidden_states"]
+    batch = ids.shape[0]
+    states, _ = image_contexts(hidden, jnp.arange(batch), jnp.sum(mask, axis=1) - 1,
+                               jnp.zeros((batch,), jnp.int32), length)
+    return projection.apply({"params": trained["context_feat_proj"]}, states) + table
+
+  return {"context_feat_proj": params["context_feat_proj"]}, context
+
+
+def fit_image_decoder(config: Any, params: Any, rng: jax.Array,
+                      log: Callable[[str], None] = print) -> tuple[dict[str, Any], float]:
+  """The fit itself: `config.train.decoder_fit.steps` Adam steps of the Q-Former,
+  `neg_prompt_embeds`, the UNet and the context's trainable params on the diffusion loss.
 
   Args:
-    config: the whole config (`train.decoder_fit`: steps, batch_size, learning_rate;
-      `model.image_decoder`, whose VAE must already be fitted; `model.llm.hidden_size`).
-    decoder_params: the image decoder's params (`params["image_decoder"]`).
-    rng: draws the stand-in vectors and every draw of the loss.
+    params: the whole model's params (for "stand_in", `{"image_decoder": ...}` suffices).
   Returns:
-    `(image decoder params, stats)`: float32 host arrays with the Q-Former,
-    `neg_prompt_embeds` and the UNet fitted, and the fit's last noise-prediction error.
+    `(trained, error)`: `trained["image_decoder"]` the image decoder's params (device arrays)
+    and, by `train.decoder_fit.context`, `trained["context_vectors"]` `[vocab_size,
+    llm.hidden_size]` (a context of ids `ids` is `context_vectors[ids] + sincos_1d(hidden_size,
+    positions)`) or `trained["context_feat_proj"]`; the last step's error.
   """
   fit = config.train.decoder_fit
   decoder = ImageDecoder(ImageDecoderConfig.from_config(config.model))
-  length = int(config.model.image_decoder.max_context_length)
-  width = int(config.model.llm.hidden_size)
-  vocab = int(config.model.tokens.vocab_size)
-  table = jnp.asarray(sincos_1d(width, np.arange(length)))
-  vectors_key, rng = jax.random.split(rng)
-  fitted, kept = split_fitted(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
-                                           jax.device_get(decoder_params)))
-  # Unit-scale token vectors, as the LLM's (normalised) states through a fresh projection.
-  trained = {"decoder": fitted, "context_vectors": jax.random.normal(vectors_key, (vocab, width))}
+  source_key, rng = jax.random.split(rng)
+  as_float32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)  # noqa: E731
+  fitted, kept = split_fitted(as_float32(jax.device_get(params["image_decoder"])))
+  trained, context = _context_source(config, as_float32(params), source_key)
+  trained["decoder"] = fitted
   optimizer = optax.adam(float(fit.learning_rate))
 
   def loss_fn(trained, pictures, ids, mask, key):
-    context = trained["context_vectors"][ids] + table
     outputs = decoder.apply({"params": merge_fitted(trained["decoder"], kept)}, pictures,
-                            context, mask, None, None, rng=key)
+                            context(trained, ids, mask), mask, None, None, rng=key)
     return outputs["loss"]
 
   @jax.jit
@@ -133,9 +172,29 @@ def fit_decoder(config: Any, decoder_params: Any, rng: jax.Array,
     trained, opt_state, loss = step(trained, opt_state, pictures, ids, mask,
                                     jax.random.fold_in(rng, index))
     if index % 100 == 0 or index == fit.steps - 1:
-      log(f"decoder fit {index + 1}/{fit.steps}: noise-prediction error {float(loss):.5f}")
-  params = jax.device_get(merge_fitted(trained["decoder"], kept))
-  return params, {"decoder_fit_error": float(loss)}
+      log(f"decoder fit {index + 1}/{fit.steps}: error {float(loss):.5f}")
+  trained["image_decoder"] = merge_fitted(trained.pop("decoder"), kept)
+  return trained, float(loss)
 
 
-__all__ = ["fit_decoder", "merge_fitted", "split_fitted", "training_pairs"]
+def fit_decoder(config: Any, params: Any, rng: jax.Array,
+                log: Callable[[str], None] = print) -> tuple[Any, dict[str, float]]:
+  """`fit_image_decoder`, keeping what the model has (stand-in vectors are dropped).
+
+  Args:
+    config: the whole config (`train.decoder_fit`: steps, batch_size, learning_rate,
+      context; `model.image_decoder`, whose VAE must already be fitted; `model.llm`).
+    params: the whole model's params.
+    rng: draws the stand-in vectors and every draw of the loss.
+  Returns:
+    `(params, stats)`: the whole model's params (host arrays) with the image decoder's
+    Q-Former, `neg_prompt_embeds` and UNet (and, for "llm", `context_feat_proj`) fitted in
+    float32, and the fit's last error.
+  """
+  trained, error = fit_image_decoder(config, params, rng, log)
+  kept = {name: trained[name] for name in ("image_decoder", "context_feat_proj")
+          if name in trained}
+  return dict(params, **jax.device_get(kept)), {"decoder_fit_error": error}
+
+__all__ = ["CONTEXTS", "fit_decoder", "fit_image_decoder", "forward_order", "merge_fitted",
+           "split_fitted", "training_pairs"]

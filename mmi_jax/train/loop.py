@@ -7,8 +7,9 @@
   2. restores the latest checkpoint of `workdir` (state and data position; refused if it is
      of another model), or starts afresh: params initialised (or loaded from
      `train.init_checkpoint`, a release checkpoint), the vision encoder fitted if
-     `train.vision_fit.steps`, the VAE if `train.vae_fit.steps`, then the image decoder's
-     Q-Former and UNet if `train.decoder_fit.steps`; meanwhile a background thread compiles
+     `train.vision_fit.steps`, the VAE if `train.vae_fit.steps`, the LLM if
+     `train.llm_fit.steps`, then the image decoder's Q-Former and UNet (and, reading the
+     LLM, `context_feat_proj`) if `train.decoder_fit.steps`; meanwhile a background thread compiles
      the train step and the evaluation's programs, lowered from shapes alone (`background`);
   3. runs `train.steps` optimizer steps, each on `gradient_accumulation_steps` batches of
      this process's rows, assembled into global arrays
@@ -45,6 +46,7 @@ from mmi_jax.train.optimizer import merge_params
 from mmi_jax.train.train_state import TrainSetup, batch_shardings
 from mmi_jax.train.train_step import lower_train_step
 from mmi_jax.train.decoder_fit import fit_decoder
+from mmi_jax.train.llm_fit import fit_llm
 from mmi_jax.train.vae_fit import fit_vae
 from mmi_jax.train.vision_fit import fit_vision_encoder
 
@@ -161,10 +163,12 @@ def initial_params(setup: TrainSetup, config: Any, rng: jax.Array,
     decoder = params["image_decoder"]["decoder"]
     decoder["vae"], stats = fit_vae(config, decoder["vae"], jax.random.fold_in(rng, 1), log=log)
     log(f"vae fitted: {stats}")
+  if train.llm_fit.steps:
+    params, stats = fit_llm(config, jax.device_get(params), jax.random.fold_in(rng, 4), log=log)
+    log(f"llm fitted: {stats}")
   if train.decoder_fit.steps and config.model.image_decoder is not None:
-    params = jax.device_get(params)
-    params["image_decoder"], stats = fit_decoder(config, params["image_decoder"],
-                                                 jax.random.fold_in(rng, 3), log=log)
+    params, stats = fit_decoder(config, jax.device_get(params), jax.random.fold_in(rng, 3),
+                                log=log)
     log(f"image decoder fitted: {stats}")
   shardings = setup.state_shardings
   return jax.device_put(params, merge_params(shardings.params, shardings.frozen))
