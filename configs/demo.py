@@ -22,8 +22,8 @@ What differs from the release's recipe, and why:
   * SD's pretrained UNet is replaced by fitting the image decoder's Q-Former and UNet to draw
     the training pictures from their captions' contexts before training starts
     (`train.decoder_fit`, 1000 steps of 32 pictures), with learned vectors standing in for
-    the LLM's states; alone, it draws 0.98 of held-out captions in their colour
-    (experiments/decoder_fit_probe.py). In training, the UNet and the image Q-Former then
+    the LLM's states; alone, it draws 0.75-0.98 of held-out captions in their colour
+    (experiments/decoder_fit_probe.py, guidance 1; the better the VAE fit, the more). In training, the UNet and the image Q-Former then
     learn at a tenth of the base rate (the release's UNet: 1e-5 of 1e-4) and
     `context_feat_proj`, which must learn to write the LLM's states where the fitted
     Q-Former reads them, at ten times it. The pictures then have the requested colour in

@@ -15,6 +15,8 @@ LLM's states where the fitted Q-Former reads them).
 Results: experiments/PERFORMANCE.md.
 """
 
+import os
+import sys
 import time
 
 from absl import app, flags
@@ -23,11 +25,12 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from mmi_jax import image_generation
-from mmi_jax.data import shapes, tokenizer
-from mmi_jax.models.image_decoder import ImageDecoder, ImageDecoderConfig
-from mmi_jax.models.sincos import sincos_1d
-from mmi_jax.train import decoder_fit, evaluation, vae_fit
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mmi_jax import image_generation  # noqa: E402
+from mmi_jax.data import shapes, tokenizer  # noqa: E402
+from mmi_jax.models.image_decoder import ImageDecoder, ImageDecoderConfig  # noqa: E402
+from mmi_jax.models.sincos import sincos_1d  # noqa: E402
+from mmi_jax.train import decoder_fit, evaluation, vae_fit  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "the run's config")
 _PICTURES = flags.DEFINE_integer("pictures", 64, "held-out captions drawn")

@@ -27,8 +27,9 @@ trained: its output convolutions start at zero). Where the context's states come
     the one the fit is given (fitted to the documents' text by `mmi_jax.train.llm_fit`,
     Vicuna's stand-in, or as initialised).
 `config.train.decoder_fit.steps = 0` (the default) skips this. On the demo (v-prediction;
-experiments/PERFORMANCE.md, tenth session) the fitted decoder alone draws 0.94 of held-out
-captions in their colour ("stand_in", 1000 steps); after the 500 training steps, 0.41 of the
+experiments/PERFORMANCE.md, tenth session) the fitted decoder alone draws 0.23-0.94 of
+held-out captions in their colour at guidance 7.5 (0.75-0.98 at 1; "stand_in", 1000 steps,
+the more the better the VAE fit); after the 500 training steps, 0.41 of the
 model's pictures have it ("stand_in") and 0.36 ("llm").
 """
 
