@@ -4,8 +4,9 @@ The demo (`configs/demo.py`) replaces SD's pretrained UNet by a fit of the image
 Q-Former and UNet on the training pictures, with learned stand-ins for the LLM's states
 (`mmi_jax.train.decoder_fit`, context "stand_in"). This probe runs that fit alone (the VAE
 fitted first, as the training command does, but from the decoder's own init) and then draws
-the first picture of held-out documents from its caption's stand-in context, at several guidance scales, reporting how many have the caption's
-colour (`shapes.classify_colour`, the training command's measure). It separates the decoder's
+the first picture of held-out documents from its caption's stand-in context, at several
+guidance scales, reporting how many have the caption's colour (`shapes.classify_colour`, the
+training command's measure). It separates the decoder's
 own ability from the bridge the training learns afterwards (`context_feat_proj` writing the
 LLM's states where the fitted Q-Former reads them).
 
