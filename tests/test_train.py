@@ -351,6 +351,8 @@ def test_the_decoder_fit_learns_to_draw_captions_and_changes_only_its_params():
   than the context is refused), the noise-prediction error falls, and only the Q-Former,
   `neg_prompt_embeds` and the UNet change, in float32 and in the same structure."""
   config = demo.get_config()
+  # The fit's mechanics, on the noise's error, which 6 steps surely lower (v's may not yet).
+  config.model.image_decoder.noise_schedule.prediction_type = "epsilon"
   config.train.decoder_fit.update(steps=6, batch_size=4, learning_rate=3e-3)
   tokens, size = config.model.tokens, config.model.image_decoder.image_size
   pictures, ids, mask = next(decoder_fit.training_pairs(config, 4))
@@ -459,6 +461,7 @@ def test_the_decoder_fit_reading_the_llm_fits_context_feat_proj_and_keeps_the_ll
   `context_feat_proj`, which is fitted with the Q-Former and the UNet; the LLM stays."""
   config = demo.get_config()
   config.model.llm.num_layers = LLM_LAYERS
+  config.model.image_decoder.noise_schedule.prediction_type = "epsilon"  # as above
   config.train.decoder_fit.update(steps=6, batch_size=4, learning_rate=3e-3, context="llm")
   pictures, ids, mask = next(decoder_fit.training_pairs(config, 4))
   width = config.model.llm.hidden_size
