@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mmi_jax import image_generation  # noqa: E402
-from mmi_jax.data import shapes, tokenizer  # noqa: E402
+from mmi_jax.data import shapes  # noqa: E402
 from mmi_jax.models.image_decoder import ImageDecoder, ImageDecoderConfig  # noqa: E402
 from mmi_jax.models.sincos import sincos_1d  # noqa: E402
 from mmi_jax.train import decoder_fit, evaluation, vae_fit  # noqa: E402
@@ -36,20 +36,6 @@ from mmi_jax.train import decoder_fit, evaluation, vae_fit  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "the run's config")
 _PICTURES = flags.DEFINE_integer("pictures", 64, "held-out captions drawn")
 _GUIDANCE = flags.DEFINE_list("guidance", ["1.0", "3.0", "7.5"], "guidance scales tried")
-
-
-def caption_contexts(config, scenes) -> tuple[np.ndarray, np.ndarray]:
-  """`(ids [N, Lc], mask [N, Lc])`: each scene's context as the fit builds it (soi, the
-  caption reversed, `<s>`)."""
-  tokens = config.model.tokens
-  length = int(config.model.image_decoder.max_context_length)
-  words = tokenizer.shapes_tokenizer(tokens.text_vocab_size)
-  ids = np.full((len(scenes), length), tokens.pad_id, np.int32)
-  mask = np.zeros((len(scenes), length), np.int32)
-  for row, scene in enumerate(scenes):
-    context = [tokens.bos_id, *words.encode(shapes.caption_of(scene)), tokens.soi_id][::-1]
-    ids[row, :len(context)], mask[row, :len(context)] = context, 1
-  return ids, mask
 
 
 def main(argv):
@@ -73,7 +59,7 @@ def main(argv):
         f"{time.perf_counter() - start:.0f} s, last error {error:.4f}", flush=True)
 
   scenes = evaluation.held_out_scenes(config, _PICTURES.value)
-  ids, mask = caption_contexts(config, scenes)
+  ids, mask = decoder_fit.caption_contexts(config, scenes)
   context = fitted["context_vectors"][ids] + jnp.asarray(sincos_1d(width, np.arange(length)))
   for guidance in map(float, _GUIDANCE.value):
     draw = jax.jit(lambda params, context, mask, key: image_generation.generate_images(

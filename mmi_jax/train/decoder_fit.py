@@ -62,21 +62,28 @@ def training_pairs(config: Any, batch_size: int
   give it after its own caption (`shapes.caption_of`): soi, the caption reversed and `<s>`,
   padded to `image_decoder.max_context_length`."""
   size = config.model.image_decoder.image_size
+  for scenes in pipeline.training_scene_batches(config, batch_size):
+    ids, mask = caption_contexts(config, scenes)
+    pictures = np.stack([shapes.render(scene, size) for scene in scenes]).astype(np.float32)
+    yield pictures / 255, ids, mask
+
+
+def caption_contexts(config: Any, scenes: list[shapes.Scene]) -> tuple[np.ndarray, np.ndarray]:
+  """`(ids [N, Lc], mask [N, Lc])`: each scene's context after its own caption (soi, the
+  caption reversed, `<s>`), padded to `image_decoder.max_context_length`."""
   length = int(config.model.image_decoder.max_context_length)
   tokens = config.model.tokens
   words = tokenizer.shapes_tokenizer(tokens.text_vocab_size)
-  for scenes in pipeline.training_scene_batches(config, batch_size):
-    ids = np.full((batch_size, length), tokens.pad_id, np.int32)
-    mask = np.zeros((batch_size, length), np.int32)
-    for row, scene in enumerate(scenes):
-      context = [tokens.bos_id, *words.encode(shapes.caption_of(scene)), tokens.soi_id][::-1]
-      if len(context) > length:
-        raise ValueError(f"decoder fit: the context of {shapes.caption_of(scene)!r} has "
-                         f"{len(context)} tokens, more than image_decoder.max_context_length "
-                         f"{length}")
-      ids[row, :len(context)], mask[row, :len(context)] = context, 1
-    pictures = np.stack([shapes.render(scene, size) for scene in scenes]).astype(np.float32)
-    yield pictures / 255, ids, mask
+  ids = np.full((len(scenes), length), tokens.pad_id, np.int32)
+  mask = np.zeros((len(scenes), length), np.int32)
+  for row, scene in enumerate(scenes):
+    context = [tokens.bos_id, *words.encode(shapes.caption_of(scene)), tokens.soi_id][::-1]
+    if len(context) > length:
+      raise ValueError(f"decoder fit: the context of {shapes.caption_of(scene)!r} has "
+                       f"{len(context)} tokens, more than image_decoder.max_context_length "
+                       f"{length}")
+    ids[row, :len(context)], mask[row, :len(context)] = context, 1
+  return ids, mask
 
 
 def split_fitted(decoder_params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -108,7 +115,7 @@ def _context_source(config: Any, params: Any, rng: jax.Array
                     ) -> tuple[dict[str, Any], Callable[..., jax.Array]]:
   """`(trained, context)`: the context's trainable params and `context(trained, ids, mask)`
   -> `[B, Lc, llm.hidden_size]`, for `train.decoder_fit.context`."""
-  source = config.train.decoder_fit.get("context", "stand_in")
+  source = config.train.decoder_fit.context
   if source not in CONTEXTS:
     raise ValueError(f"train.decoder_fit.context must be one of {CONTEXTS}, got {source!r}")
   length = int(config.model.image_decoder.max_context_length)
@@ -152,7 +159,9 @@ def fit_image_decoder(config: Any, params: Any, rng: jax.Array,
   source_key, rng = jax.random.split(rng)
   as_float32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)  # noqa: E731
   fitted, kept = split_fitted(as_float32(jax.device_get(params["image_decoder"])))
-  trained, context = _context_source(config, as_float32(params), source_key)
+  needed = ("context_feat_proj", *LANGUAGE_PARAMS)  # what "llm" reads
+  trained, context = _context_source(
+      config, as_float32({name: params[name] for name in needed if name in params}), source_key)
   trained["decoder"] = fitted
   optimizer = optax.adam(float(fit.learning_rate))
 
@@ -199,5 +208,5 @@ def fit_decoder(config: Any, params: Any, rng: jax.Array,
           if name in trained}
   return dict(params, **jax.device_get(kept)), {"decoder_fit_error": error}
 
-__all__ = ["CONTEXTS", "fit_decoder", "fit_image_decoder", "forward_order", "merge_fitted",
-           "split_fitted", "training_pairs"]
+__all__ = ["CONTEXTS", "caption_contexts", "fit_decoder", "fit_image_decoder", "forward_order",
+           "merge_fitted", "split_fitted", "training_pairs"]
