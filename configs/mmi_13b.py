@@ -227,8 +227,10 @@ def get_config() -> ml_collections.ConfigDict:
       init_checkpoint="",  # a release checkpoint (`convert.release.load`) to start from
       # Demos without SD's pretrained VAE fit the (frozen) VAE as an autoencoder on the
       # training pictures first (`mmi_jax.train.vae_fit`); 0 steps: keep it as initialised
-      # or loaded.
-      vae_fit=dict(steps=0, batch_size=16, learning_rate=1e-3, kl_weight=1e-6),
+      # or loaded. `schedule` "constant", or "cosine": linear warm-up over `warmup_steps`,
+      # then a cosine decay to 2% of `learning_rate` at `steps`.
+      vae_fit=dict(steps=0, batch_size=16, learning_rate=1e-3, kl_weight=1e-6,
+                   schedule="constant", warmup_steps=0),
       # Likewise without CLIP's pretrained ViT: the visual tokenizer's encoder is first fitted
       # to classify the training pictures' attributes (`mmi_jax.train.vision_fit`).
       vision_fit=dict(steps=0, batch_size=16, learning_rate=1e-3),
@@ -241,6 +243,9 @@ def get_config() -> ml_collections.ConfigDict:
       # vectors stand in for the LLM's states, "llm": the frozen LLM's states through
       # `context_feat_proj`, which is fitted too.
       decoder_fit=dict(steps=0, batch_size=16, learning_rate=1e-3, context="stand_in"),
+      # The same fit after the last train step, through the trained, frozen LLM (as SD's UNet
+      # was trained on a frozen text encoder); the last step is saved only after it.
+      decoder_fit_after_training=dict(steps=0, batch_size=16, learning_rate=1e-3),
       log_every=10,  # steps between log lines and TensorBoard scalars
       eval_every=1000,  # steps between held-out evaluations (0: only at the end)
       checkpoint_every=1000,  # steps between asynchronous Orbax saves

@@ -53,7 +53,7 @@ def main(argv):
                                                     log=lambda line: None)
   print(f"vae fitted: {stats}", flush=True)
   start = time.perf_counter()
-  config.train.decoder_fit.context = "stand_in"
+  config.train.decoder_fit.update(context="stand_in", stage="before_training")
   fitted, error = decoder_fit.fit_image_decoder(config, {"image_decoder": params}, fit_key)
   print(f"decoder fit: {config.train.decoder_fit.steps} steps in "
         f"{time.perf_counter() - start:.0f} s, last error {error:.4f}", flush=True)

@@ -12,6 +12,7 @@ import functools
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -324,7 +325,7 @@ def test_the_vae_fit_reconstructs_the_pictures_better_and_changes_only_the_vae()
   training documents' at the decoder's size, the reconstruction error falls, the result is
   float32 and deterministic, and the fitted VAE keeps its structure."""
   config = demo.get_config()
-  config.train.vae_fit.update(steps=12, batch_size=4, learning_rate=4e-3)
+  config.train.vae_fit.update(steps=12, batch_size=4, learning_rate=4e-3, schedule="constant")
   size = config.model.image_decoder.image_size
   pictures = next(vae_fit.training_pictures(config, 4))
   assert pictures.shape == (4, size, size, 3) and 0.0 <= pictures.min() < pictures.max() <= 1.0
@@ -333,6 +334,7 @@ def test_the_vae_fit_reconstructs_the_pictures_better_and_changes_only_the_vae()
   logged = []
   fitted, stats = vae_fit.fit_vae(config, before, jax.random.key(1), log=logged.append)
   assert "vae fit 1/12" in logged[0] and "vae fit 12/12" in logged[-1]
+  assert all(line.endswith("learning rate 4.00e-03") for line in logged)
   first_error = float(logged[0].split("reconstruction error ")[1].split(",")[0])
   assert stats["vae_reconstruction_error"] < 0.8 * first_error
   want, got = flat(before), flat(fitted)
@@ -345,6 +347,21 @@ def test_the_vae_fit_reconstructs_the_pictures_better_and_changes_only_the_vae()
     np.testing.assert_array_equal(leaf, got[path], err_msg=path)
 
 
+def test_the_vae_fit_schedules():
+  """"constant" keeps the rate; "cosine" warms up linearly, peaks at `warmup_steps` and ends
+  at 2% of the rate; anything else is refused by name."""
+  fit = ml_collections.ConfigDict(dict(steps=100, learning_rate=1e-3, schedule="constant",
+                                       warmup_steps=10))
+  assert [float(vae_fit.learning_rate_schedule(fit)(i)) for i in (0, 50, 100)] == [1e-3] * 3
+  fit.schedule = "cosine"
+  cosine = vae_fit.learning_rate_schedule(fit)
+  np.testing.assert_allclose([float(cosine(i)) for i in (0, 5, 10, 55, 100)],
+                             [0.0, 5e-4, 1e-3, 0.51e-3, 2e-5], rtol=1e-5)
+  fit.schedule = "linear"
+  with pytest.raises(ValueError, match="train.vae_fit.schedule.*'linear'"):
+    vae_fit.learning_rate_schedule(fit)
+
+
 def test_the_decoder_fit_learns_to_draw_captions_and_changes_only_its_params():
   """`train.decoder_fit` (the demo's stand-in for SD's pretrained UNet): each training picture
   comes with the context of its own caption (soi, the caption reversed, `<s>`; a longer one
@@ -353,7 +370,8 @@ def test_the_decoder_fit_learns_to_draw_captions_and_changes_only_its_params():
   config = demo.get_config()
   # The fit's mechanics, on the noise's error, which 6 steps surely lower (v's may not yet).
   config.model.image_decoder.noise_schedule.prediction_type = "epsilon"
-  config.train.decoder_fit.update(steps=6, batch_size=4, learning_rate=3e-3)
+  config.train.decoder_fit.update(steps=6, batch_size=4, learning_rate=3e-3,
+                                  context="stand_in", stage="before_training")
   tokens, size = config.model.tokens, config.model.image_decoder.image_size
   pictures, ids, mask = next(decoder_fit.training_pairs(config, 4))
   assert pictures.shape == (4, size, size, 3) and 0.0 <= pictures.min() < pictures.max() <= 1.0
@@ -486,6 +504,46 @@ def test_the_decoder_fit_reading_the_llm_fits_context_feat_proj_and_keeps_the_ll
   bad.train.decoder_fit.context = "clip"
   with pytest.raises(ValueError, match="train.decoder_fit.context must be one of"):
     decoder_fit.fit_decoder(bad, before, jax.random.key(2))
+
+
+@WHOLE_MODEL_GROUP
+def test_the_decoder_fit_after_training_changes_only_the_decoder_path_of_the_state():
+  """`train.decoder_fit_after_training` (`loop.fit_decoder_after_training`): the state's image
+  decoder (Q-Former, `neg_prompt_embeds`, UNet) and `context_feat_proj` are fitted through its
+  LLM; everything else, the optimizer state and the step stay, dtypes and placements too."""
+  config, setup, _, state, _ = two_whole_model_steps()
+  config = config.copy_and_resolve_references()
+  config.train.decoder_fit_after_training.update(steps=3, batch_size=4, learning_rate=3e-3)
+  logged = []
+  fitted = loop.fit_decoder_after_training(setup, config, state, jax.random.key(4),
+                                           logged.append)
+  assert "decoder fit 3/3" in logged[-2] and "image decoder fitted after training" in logged[-1]
+  assert int(fitted.step) == int(state.step)
+  assert fitted.opt_state is state.opt_state
+  want, got = flat(state.all_params()), flat(fitted.all_params())
+  assert want.keys() == got.keys()
+  moved = {path for path in want if not np.array_equal(want[path], got[path])}
+  assert moved and all(path.startswith(("image_decoder/perceiver_resampler/",
+                                        "image_decoder/neg_prompt_embeds",
+                                        "image_decoder/decoder/unet/", "context_feat_proj/"))
+                       for path in moved)
+  assert {"image_decoder/neg_prompt_embeds", "image_decoder/decoder/unet/conv_in/kernel",
+          "context_feat_proj/kernel"} <= moved
+  for before, after in ((state.params, fitted.params), (state.frozen, fitted.frozen)):
+    for path, leaf in leaves(before).items():
+      assert leaves(after)[path].dtype == leaf.dtype, path
+    assert jax.tree.map(lambda x: x.sharding, before) == jax.tree.map(lambda x: x.sharding,
+                                                                       after)
+
+
+def test_the_decoder_fit_after_training_reads_the_llm_with_its_own_steps_and_rates():
+  config = demo.get_config()
+  config.train.decoder_fit.update(steps=7, batch_size=5, learning_rate=1.0, context="stand_in")
+  config.train.decoder_fit_after_training.update(steps=3, batch_size=4, learning_rate=2e-3)
+  settings = decoder_fit.after_training_settings(config)
+  assert (settings.steps, settings.batch_size, settings.learning_rate, settings.context) == (
+      3, 4, 2e-3, "llm")
+  assert config.train.decoder_fit.context == "stand_in"
 
 
 def build_image_decoder(config):

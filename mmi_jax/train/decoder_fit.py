@@ -10,7 +10,7 @@ the same with the right caption, another one or none. Fitting the UNet alone fir
 stand-in text encoder, does not help either: the from-scratch Q-Former still writes nothing the
 UNet reads.
 
-When configured, the training command first fits the image decoder's own path, Q-Former and
+When configured, the training command fits the image decoder's own path, Q-Former and
 UNet together, as the release's training would shape it: each training picture is drawn
 (noised at a uniform timestep; the UNet predicts the schedule's target) from the context of a
 caption-then-picture document, `<s>`, the caption's words and soi, reversed (soi first), as the
@@ -23,14 +23,17 @@ trained: its output convolutions start at zero). Where the context's states come
     training, `context_feat_proj` (from scratch, as in the release) must learn to write the
     LLM's states where the fitted Q-Former reads them.
   * "llm": the model's own LLM, frozen, on `<s> caption soi`, through `context_feat_proj`,
-    which the fit trains too: training then starts with the whole path in place. The LLM is
-    the one the fit is given (fitted to the documents' text by `mmi_jax.train.llm_fit`,
-    Vicuna's stand-in, or as initialised).
+    which the fit trains too.
+`train.decoder_fit` runs before training (after the vision encoder, the VAE and
+`train.llm_fit`); `train.decoder_fit_after_training`, the same fit after the last train step,
+through the trained LLM (context "llm"), as SD's UNet was trained on a frozen, trained text
+encoder's states; the training command saves the last step only after it.
 `config.train.decoder_fit.steps = 0` (the default) skips this. On the demo (v-prediction;
-experiments/PERFORMANCE.md, tenth session) the fitted decoder alone draws 0.23-0.94 of
-held-out captions in their colour at guidance 7.5 (0.75-0.98 at 1; "stand_in", 1000 steps,
-the more the better the VAE fit); after the 500 training steps, 0.41 of the
-model's pictures have it ("stand_in") and 0.36 ("llm").
+experiments/PERFORMANCE.md, tenth and eleventh sessions), fitted before training, the decoder
+alone draws 0.75-0.98 of held-out captions in their colour from stand-ins (guidance 1), but
+after the 500 joint training steps only 0.20-0.41 of the model's pictures have it: joint
+training does not teach the fitted decoder to read the LLM's states, though they hold the
+colour. Fitted again after training, through the trained LLM, it reads them.
 """
 
 from __future__ import annotations
@@ -53,6 +56,20 @@ from mmi_jax.train.llm_fit import LANGUAGE_PARAMS
 # The image decoder's params the fit trains; the VAE (frozen) and the MMFS net are kept.
 FITTED = ("perceiver_resampler", "neg_prompt_embeds")
 CONTEXTS = ("stand_in", "llm")  # `train.decoder_fit.context`
+
+
+def check_settings(fit: Any) -> None:
+  """Raises ValueError naming a `train.decoder_fit` setting that cannot work."""
+  if fit.context not in CONTEXTS:
+    raise ValueError(f"train.decoder_fit.context must be one of {CONTEXTS}, got "
+                     f"{fit.context!r}")
+
+
+def after_training_settings(config: Any) -> Any:
+  """`train.decoder_fit_after_training` as `train.decoder_fit` settings (context "llm")."""
+  settings = config.train.decoder_fit.copy_and_resolve_references()
+  settings.update(dict(config.train.decoder_fit_after_training), context="llm")
+  return settings
 
 
 def training_pairs(config: Any, batch_size: int
@@ -111,13 +128,12 @@ def forward_order(ids: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.where(mask == 1, jnp.take_along_axis(ids, positions, axis=1), ids)
 
 
-def _context_source(config: Any, params: Any, rng: jax.Array
+def _context_source(config: Any, fit: Any, params: Any, rng: jax.Array
                     ) -> tuple[dict[str, Any], Callable[..., jax.Array]]:
   """`(trained, context)`: the context's trainable params and `context(trained, ids, mask)`
-  -> `[B, Lc, llm.hidden_size]`, for `train.decoder_fit.context`."""
-  source = config.train.decoder_fit.context
-  if source not in CONTEXTS:
-    raise ValueError(f"train.decoder_fit.context must be one of {CONTEXTS}, got {source!r}")
+  -> `[B, Lc, llm.hidden_size]`, for `fit.context`."""
+  check_settings(fit)
+  source = fit.context
   length = int(config.model.image_decoder.max_context_length)
   width = int(config.model.llm.hidden_size)
   table = jnp.asarray(sincos_1d(width, np.arange(length)))
@@ -142,26 +158,29 @@ def _context_source(config: Any, params: Any, rng: jax.Array
 
 
 def fit_image_decoder(config: Any, params: Any, rng: jax.Array,
-                      log: Callable[[str], None] = print) -> tuple[dict[str, Any], float]:
+                      log: Callable[[str], None] = print, fit: Any = None
+                      ) -> tuple[dict[str, Any], float]:
   """The fit itself: `config.train.decoder_fit.steps` Adam steps of the Q-Former,
   `neg_prompt_embeds`, the UNet and the context's trainable params on the diffusion loss.
 
   Args:
     params: the whole model's params (for "stand_in", `{"image_decoder": ...}` suffices).
+    fit: the settings (steps, batch_size, learning_rate, context); `train.decoder_fit` if
+      None.
   Returns:
     `(trained, error)`: `trained["image_decoder"]` the image decoder's params (device arrays)
     and, by `train.decoder_fit.context`, `trained["context_vectors"]` `[vocab_size,
     llm.hidden_size]` (a context of ids `ids` is `context_vectors[ids] + sincos_1d(hidden_size,
     positions)`) or `trained["context_feat_proj"]`; the last step's error.
   """
-  fit = config.train.decoder_fit
+  fit = config.train.decoder_fit if fit is None else fit
   decoder = ImageDecoder(ImageDecoderConfig.from_config(config.model))
   source_key, rng = jax.random.split(rng)
   as_float32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)  # noqa: E731
   fitted, kept = split_fitted(as_float32(jax.device_get(params["image_decoder"])))
   needed = ("context_feat_proj", *LANGUAGE_PARAMS)  # what "llm" reads
   trained, context = _context_source(
-      config, as_float32({name: params[name] for name in needed if name in params}), source_key)
+      config, fit, as_float32({name: params[name] for name in needed if name in params}), source_key)
   trained["decoder"] = fitted
   optimizer = optax.adam(float(fit.learning_rate))
 
@@ -190,7 +209,8 @@ def fit_image_decoder(config: Any, params: Any, rng: jax.Array,
 
 
 def fit_decoder(config: Any, params: Any, rng: jax.Array,
-                log: Callable[[str], None] = print) -> tuple[Any, dict[str, float]]:
+                log: Callable[[str], None] = print, fit: Any = None
+                ) -> tuple[Any, dict[str, float]]:
   """`fit_image_decoder`, keeping what the model has (stand-in vectors are dropped).
 
   Args:
@@ -198,15 +218,17 @@ def fit_decoder(config: Any, params: Any, rng: jax.Array,
       context; `model.image_decoder`, whose VAE must already be fitted; `model.llm`).
     params: the whole model's params.
     rng: draws the stand-in vectors and every draw of the loss.
+    fit: the settings; `train.decoder_fit` if None.
   Returns:
     `(params, stats)`: the whole model's params (host arrays) with the image decoder's
     Q-Former, `neg_prompt_embeds` and UNet (and, for "llm", `context_feat_proj`) fitted in
     float32, and the fit's last error.
   """
-  trained, error = fit_image_decoder(config, params, rng, log)
+  trained, error = fit_image_decoder(config, params, rng, log, fit)
   kept = {name: trained[name] for name in ("image_decoder", "context_feat_proj")
           if name in trained}
   return dict(params, **jax.device_get(kept)), {"decoder_fit_error": error}
 
-__all__ = ["CONTEXTS", "caption_contexts", "fit_decoder", "fit_image_decoder", "forward_order",
-           "merge_fitted", "split_fitted", "training_pairs"]
+__all__ = ["CONTEXTS", "after_training_settings", "caption_contexts", "check_settings",
+           "fit_decoder", "fit_image_decoder", "forward_order", "merge_fitted", "split_fitted",
+           "training_pairs"]

@@ -17,7 +17,10 @@
   4. logs step, losses, learning rate, steps/s and examples/s every `train.log_every` steps
      (stdout, `workdir/metrics.jsonl`, TensorBoard under `workdir/tensorboard`), saves
      asynchronously every `train.checkpoint_every` steps, evaluates every `train.eval_every`
-     steps and at the end (`workdir/samples/*.png`, `workdir/results.json`);
+     steps and at the end (`workdir/samples/*.png`, `workdir/results.json`); with
+     `train.decoder_fit_after_training.steps`, the image decoder is fitted through the
+     trained LLM after the last step, and that step is saved only then (a job stopped during
+     the fit resumes from the checkpoint before);
   5. on SIGTERM (preemption) it finishes the current step, saves a checkpoint, waits for it
      and returns; running the same command again resumes exactly where it stopped.
 """
@@ -42,9 +45,10 @@ from mmi_jax.data import pipeline
 from mmi_jax.train import background, config_check
 from mmi_jax.train.checkpoints import Checkpoints
 from mmi_jax.train.evaluation import Evaluator
-from mmi_jax.train.optimizer import merge_params
-from mmi_jax.train.train_state import TrainSetup, batch_shardings
+from mmi_jax.train.optimizer import merge_params, split_params
+from mmi_jax.train.train_state import TrainSetup, TrainState, batch_shardings
 from mmi_jax.train.train_step import lower_train_step
+from mmi_jax.train import decoder_fit
 from mmi_jax.train.decoder_fit import fit_decoder
 from mmi_jax.train.llm_fit import fit_llm
 from mmi_jax.train.vae_fit import fit_vae
@@ -174,6 +178,22 @@ def initial_params(setup: TrainSetup, config: Any, rng: jax.Array,
   return jax.device_put(params, merge_params(shardings.params, shardings.frozen))
 
 
+def fit_decoder_after_training(setup: TrainSetup, config: Any, state: TrainState,
+                               rng: jax.Array, log: Callable[[str], None]) -> TrainState:
+  """`state` with the image decoder fitted through its trained, frozen LLM
+  (`train.decoder_fit_after_training`); the optimizer state is kept."""
+  params = jax.device_get(state.all_params())
+  fitted, stats = fit_decoder(config, params, rng, log=log,
+                              fit=decoder_fit.after_training_settings(config))
+  log(f"image decoder fitted after training: {stats}")
+  # Back in each param's own dtype (the fit works in float32) and placement.
+  fitted = jax.tree.map(lambda new, old: np.asarray(new, old.dtype), fitted, params)
+  trainable, frozen = split_params(fitted, setup.trainable_mask)
+  shardings = setup.state_shardings
+  return state.replace(params=jax.device_put(trainable, shardings.params),
+                       frozen=jax.device_put(frozen, shardings.frozen))
+
+
 def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] = print
                        ) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the final
@@ -181,6 +201,7 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
   config_check.check_known_keys(config)
   os.makedirs(workdir, exist_ok=True)
   train = config.train
+  decoder_fit.check_settings(train.decoder_fit)
   accumulation = int(train.gradient_accumulation_steps)
   if accumulation < 1:
     raise ValueError(f"train.gradient_accumulation_steps must be >= 1, got {accumulation}")
@@ -243,6 +264,9 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
   skipped_total = 0
   results: dict[str, Any] = {}
   rows_per_step = config.data.batch_size * accumulation
+  # With a decoder fit after training, the last step is saved only once the fit is done.
+  fit_after = (bool(train.decoder_fit_after_training.steps)
+               and config.model.image_decoder is not None and int(state.step) < train.steps)
   with Preemption() as preemption:
     window_start, window_steps = time.perf_counter(), 0
     while int(state.step) < train.steps:
@@ -267,6 +291,8 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
                    f"lr {metrics['learning_rate']:.2e} {metrics['steps_per_second']:.2f} "
                    f"steps/s {metrics['examples_per_second']:.1f} examples/s")
         window_start, window_steps = time.perf_counter(), 0
+      if fit_after and step == train.steps:
+        break
       checkpoints.save(state, iterator)
       if preemption.any_process():
         checkpoints.save_final(state, iterator)
@@ -276,6 +302,9 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
         return {"preempted": step}
       if train.eval_every and step % train.eval_every == 0 and step < train.steps:
         evaluate(state)
+    if fit_after:
+      state = fit_decoder_after_training(setup, config, state, jax.random.fold_in(key, 5),
+                                         logger.log)
     checkpoints.save_final(state, iterator)
     results = evaluate(state)
   checkpoints.close()
