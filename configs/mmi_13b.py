@@ -241,11 +241,13 @@ def get_config() -> ml_collections.ConfigDict:
       # Q-Former and UNet are first fitted to draw the training pictures from their
       # captions' contexts (`mmi_jax.train.decoder_fit`); `context` "stand_in": learned
       # vectors stand in for the LLM's states, "llm": the frozen LLM's states through
-      # `context_feat_proj`, which is fitted too.
-      decoder_fit=dict(steps=0, batch_size=16, learning_rate=1e-3, context="stand_in"),
+      # `context_feat_proj`, which is fitted too. `schedule` and `warmup_steps` as the VAE's.
+      decoder_fit=dict(steps=0, batch_size=16, learning_rate=1e-3, context="stand_in",
+                       schedule="constant", warmup_steps=0),
       # The same fit after the last train step, through the trained, frozen LLM (as SD's UNet
       # was trained on a frozen text encoder); the last step is saved only after it.
-      decoder_fit_after_training=dict(steps=0, batch_size=16, learning_rate=1e-3),
+      decoder_fit_after_training=dict(steps=0, batch_size=16, learning_rate=1e-3,
+                                      schedule="constant", warmup_steps=0),
       log_every=10,  # steps between log lines and TensorBoard scalars
       eval_every=1000,  # steps between held-out evaluations (0: only at the end)
       checkpoint_every=1000,  # steps between asynchronous Orbax saves

@@ -25,8 +25,8 @@ from mmi_jax.models.image_decoder import ImageDecoder, ImageDecoderConfig
 from mmi_jax.models.linear import Linear
 from mmi_jax.models.vae import AutoencoderKL, VAEConfig
 from mmi_jax.train import checkpoints as checkpoints_lib
-from mmi_jax.train import (background, config_check, decoder_fit, llm_fit, loop, vae_fit,
-                           vision_fit)
+from mmi_jax.train import (background, config_check, decoder_fit, fit_schedule, llm_fit, loop,
+                           vae_fit, vision_fit)
 from mmi_jax.train import optimizer as optimizer_lib
 from mmi_jax.train.evaluation import Evaluator
 from mmi_jax.train.train_state import TrainSetup
@@ -347,19 +347,43 @@ def test_the_vae_fit_reconstructs_the_pictures_better_and_changes_only_the_vae()
     np.testing.assert_array_equal(leaf, got[path], err_msg=path)
 
 
-def test_the_vae_fit_schedules():
+def test_the_fit_schedules():
   """"constant" keeps the rate; "cosine" warms up linearly, peaks at `warmup_steps` and ends
-  at 2% of the rate; anything else is refused by name."""
+  at 2% of the rate; anything else is refused, naming the settings."""
   fit = ml_collections.ConfigDict(dict(steps=100, learning_rate=1e-3, schedule="constant",
                                        warmup_steps=10))
-  assert [float(vae_fit.learning_rate_schedule(fit)(i)) for i in (0, 50, 100)] == [1e-3] * 3
+  schedule = fit_schedule.learning_rate_schedule(fit, "train.vae_fit")
+  assert [float(schedule(i)) for i in (0, 50, 100)] == [1e-3] * 3
   fit.schedule = "cosine"
-  cosine = vae_fit.learning_rate_schedule(fit)
+  cosine = fit_schedule.learning_rate_schedule(fit, "train.vae_fit")
   np.testing.assert_allclose([float(cosine(i)) for i in (0, 5, 10, 55, 100)],
                              [0.0, 5e-4, 1e-3, 0.51e-3, 2e-5], rtol=1e-5)
   fit.schedule = "linear"
-  with pytest.raises(ValueError, match="train.vae_fit.schedule.*'linear'"):
-    vae_fit.learning_rate_schedule(fit)
+  with pytest.raises(ValueError, match="train.vae_fit.schedule must be one of .*'linear'"):
+    fit_schedule.learning_rate_schedule(fit, "train.vae_fit")
+
+
+def test_the_decoder_fits_follow_their_schedule_and_refuse_an_unknown_one_at_once(tmp_path):
+  """The decoder fit steps at its schedule's rate (a cosine warm-up's first step has rate 0
+  and leaves the params as they were); a schedule that does not exist stops the training
+  command before it builds anything, naming the fit."""
+  config = demo.get_config()
+  config.train.decoder_fit.update(steps=1, batch_size=2, learning_rate=3e-3, schedule="cosine",
+                                  warmup_steps=1)
+  pictures, ids, mask = next(decoder_fit.training_pairs(config, 2))
+  context = np.zeros((2, ids.shape[1], config.model.llm.hidden_size), np.float32)
+  decoder = nn.meta.unbox(build_image_decoder(config).init(
+      jax.random.key(0), pictures, context, mask, None, None, rng=jax.random.key(1))["params"])
+  fitted, _ = decoder_fit.fit_decoder(config, {"image_decoder": decoder}, jax.random.key(2),
+                                      log=lambda message: None)
+  for path, leaf in flat(decoder).items():
+    np.testing.assert_array_equal(flat(fitted["image_decoder"])[path], leaf, err_msg=path)
+  for name in ("vae_fit", "decoder_fit", "decoder_fit_after_training"):
+    bad = demo.get_config()
+    bad.train[name].schedule = "linear"
+    with pytest.raises(ValueError, match=f"train.{name}.schedule must be one of .*'linear'"):
+      loop.train_and_evaluate(bad, str(tmp_path / name), log=lambda message: None)
+    assert not (tmp_path / name).exists()
 
 
 def test_the_decoder_fit_learns_to_draw_captions_and_changes_only_its_params():
@@ -371,7 +395,7 @@ def test_the_decoder_fit_learns_to_draw_captions_and_changes_only_its_params():
   # The fit's mechanics, on the noise's error, which 6 steps surely lower (v's may not yet).
   config.model.image_decoder.noise_schedule.prediction_type = "epsilon"
   config.train.decoder_fit.update(steps=6, batch_size=4, learning_rate=3e-3,
-                                  context="stand_in", stage="before_training")
+                                  context="stand_in", schedule="constant")
   tokens, size = config.model.tokens, config.model.image_decoder.image_size
   pictures, ids, mask = next(decoder_fit.training_pairs(config, 4))
   assert pictures.shape == (4, size, size, 3) and 0.0 <= pictures.min() < pictures.max() <= 1.0
@@ -480,7 +504,8 @@ def test_the_decoder_fit_reading_the_llm_fits_context_feat_proj_and_keeps_the_ll
   config = demo.get_config()
   config.model.llm.num_layers = LLM_LAYERS
   config.model.image_decoder.noise_schedule.prediction_type = "epsilon"  # as above
-  config.train.decoder_fit.update(steps=6, batch_size=4, learning_rate=3e-3, context="llm")
+  config.train.decoder_fit.update(steps=6, batch_size=4, learning_rate=3e-3, context="llm",
+                                  schedule="constant")
   pictures, ids, mask = next(decoder_fit.training_pairs(config, 4))
   width = config.model.llm.hidden_size
   decoder = nn.meta.unbox(build_image_decoder(config).init(
@@ -513,7 +538,8 @@ def test_the_decoder_fit_after_training_changes_only_the_decoder_path_of_the_sta
   LLM; everything else, the optimizer state and the step stay, dtypes and placements too."""
   config, setup, _, state, _ = two_whole_model_steps()
   config = config.copy_and_resolve_references()
-  config.train.decoder_fit_after_training.update(steps=3, batch_size=4, learning_rate=3e-3)
+  config.train.decoder_fit_after_training.update(steps=3, batch_size=4, learning_rate=3e-3,
+                                                 schedule="constant")
   logged = []
   fitted = loop.fit_decoder_after_training(setup, config, state, jax.random.key(4),
                                            logged.append)

@@ -52,6 +52,7 @@ from mmi_jax.models.linear import Linear
 from mmi_jax.models.mm_interleaved import image_contexts
 from mmi_jax.models.multimodal_lm import MultimodalLM
 from mmi_jax.models.sincos import sincos_1d
+from mmi_jax.train.fit_schedule import learning_rate_schedule
 from mmi_jax.train.llm_fit import LANGUAGE_PARAMS
 
 # The image decoder's params the fit trains; the VAE (frozen) and the MMFS net are kept.
@@ -59,11 +60,12 @@ FITTED = ("perceiver_resampler", "neg_prompt_embeds")
 CONTEXTS = ("stand_in", "llm")  # `train.decoder_fit.context`
 
 
-def check_settings(fit: Any) -> None:
-  """Raises ValueError naming a `train.decoder_fit` setting that cannot work."""
+def check_settings(fit: Any, where: str = "train.decoder_fit") -> None:
+  """Raises ValueError naming a setting of the fit settings `fit` (called `where`) that
+  cannot work."""
   if fit.context not in CONTEXTS:
-    raise ValueError(f"train.decoder_fit.context must be one of {CONTEXTS}, got "
-                     f"{fit.context!r}")
+    raise ValueError(f"{where}.context must be one of {CONTEXTS}, got {fit.context!r}")
+  learning_rate_schedule(fit, where)
 
 
 def after_training_settings(config: Any) -> Any:
@@ -166,8 +168,8 @@ def fit_image_decoder(config: Any, params: Any, rng: jax.Array,
 
   Args:
     params: the whole model's params (for "stand_in", `{"image_decoder": ...}` suffices).
-    fit: the settings (steps, batch_size, learning_rate, context); `train.decoder_fit` if
-      None.
+    fit: the settings (steps, batch_size, learning_rate, schedule, warmup_steps: see
+      `fit_schedule`; context); `train.decoder_fit` if None.
   Returns:
     `(trained, error)`: `trained["image_decoder"]` the image decoder's params (device arrays)
     and, by `train.decoder_fit.context`, `trained["context_vectors"]` `[vocab_size,
@@ -183,7 +185,7 @@ def fit_image_decoder(config: Any, params: Any, rng: jax.Array,
   trained, context = _context_source(
       config, fit, as_float32({name: params[name] for name in needed if name in params}), source_key)
   trained["decoder"] = fitted
-  optimizer = optax.adam(float(fit.learning_rate))
+  optimizer = optax.adam(learning_rate_schedule(fit, "train.decoder_fit"))
 
   def loss_fn(trained, pictures, ids, mask, key):
     outputs = decoder.apply({"params": merge_fitted(trained["decoder"], kept)}, pictures,
@@ -216,7 +218,7 @@ def fit_decoder(config: Any, params: Any, rng: jax.Array,
 
   Args:
     config: the whole config (`train.decoder_fit`: steps, batch_size, learning_rate,
-      context; `model.image_decoder`, whose VAE must already be fitted; `model.llm`).
+      schedule, warmup_steps, context; `model.image_decoder`, whose VAE must already be fitted; `model.llm`).
     params: the whole model's params.
     rng: draws the stand-in vectors and every draw of the loss.
     fit: the settings; `train.decoder_fit` if None.

@@ -2,15 +2,16 @@
 
 `train_and_evaluate(config, workdir)`:
 
-  1. checks the config's keys; builds the mesh (`config.mesh`), the model, the optimizer and
-     the state's shardings (`TrainSetup`);
+  1. checks the config's keys and the fits' settings (before it writes anything); builds the
+     mesh (`config.mesh`), the model, the optimizer and the state's shardings (`TrainSetup`);
   2. restores the latest checkpoint of `workdir` (state and data position; refused if it is
      of another model), or starts afresh: params initialised (or loaded from
      `train.init_checkpoint`, a release checkpoint), the vision encoder fitted if
      `train.vision_fit.steps`, the VAE if `train.vae_fit.steps`, the LLM if
      `train.llm_fit.steps`, then the image decoder's Q-Former and UNet (and, reading the
-     LLM, `context_feat_proj`) if `train.decoder_fit.steps`; meanwhile a background thread compiles
-     the train step and the evaluation's programs, lowered from shapes alone (`background`);
+     LLM, `context_feat_proj`) if `train.decoder_fit.steps`; meanwhile a background thread
+     compiles the train step and the evaluation's programs, lowered from shapes alone
+     (`background`);
   3. runs `train.steps` optimizer steps, each on `gradient_accumulation_steps` batches of
      this process's rows, assembled into global arrays
      (`jax.make_array_from_process_local_data`) split over the batch axes;
@@ -42,7 +43,7 @@ from mmi_jax import batch as batch_lib
 from mmi_jax import sharding
 from mmi_jax.convert import release
 from mmi_jax.data import pipeline
-from mmi_jax.train import background, config_check
+from mmi_jax.train import background, config_check, fit_schedule
 from mmi_jax.train.checkpoints import Checkpoints
 from mmi_jax.train.evaluation import Evaluator
 from mmi_jax.train.optimizer import merge_params, split_params
@@ -199,9 +200,12 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
   """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the final
   evaluation (or `{"preempted": step}` after a SIGTERM)."""
   config_check.check_known_keys(config)
-  os.makedirs(workdir, exist_ok=True)
   train = config.train
+  fit_schedule.learning_rate_schedule(train.vae_fit, "train.vae_fit")
   decoder_fit.check_settings(train.decoder_fit)
+  decoder_fit.check_settings(decoder_fit.after_training_settings(config),
+                             "train.decoder_fit_after_training")
+  os.makedirs(workdir, exist_ok=True)
   accumulation = int(train.gradient_accumulation_steps)
   if accumulation < 1:
     raise ValueError(f"train.gradient_accumulation_steps must be >= 1, got {accumulation}")

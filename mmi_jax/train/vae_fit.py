@@ -19,6 +19,7 @@ import optax
 
 from mmi_jax.data import pipeline, shapes
 from mmi_jax.models.vae import AutoencoderKL, VAEConfig
+from mmi_jax.train.fit_schedule import learning_rate_schedule
 
 
 def training_pictures(config: Any, batch_size: int, seed: int = 0) -> Iterator[np.ndarray]:
@@ -28,28 +29,13 @@ def training_pictures(config: Any, batch_size: int, seed: int = 0) -> Iterator[n
     yield np.stack([shapes.render(scene, size) for scene in scenes]).astype(np.float32) / 255
 
 
-def learning_rate_schedule(fit: Any) -> optax.Schedule:
-  """`fit.schedule`: "constant" (`fit.learning_rate`), or "cosine": a linear warm-up over
-  `fit.warmup_steps` (at most `fit.steps`), then a cosine decay to 2% of the rate at
-  `fit.steps`."""
-  rate, steps = float(fit.learning_rate), int(fit.steps)
-  if fit.schedule == "constant":
-    return optax.constant_schedule(rate)
-  if fit.schedule == "cosine":
-    warmup = min(int(fit.warmup_steps), steps)
-    return optax.warmup_cosine_decay_schedule(0.0, rate, warmup, max(steps, warmup + 1),
-                                              end_value=0.02 * rate)
-  raise ValueError(f"train.vae_fit.schedule must be 'constant' or 'cosine', got "
-                   f"{fit.schedule!r}")
-
-
 def fit_vae(config: Any, vae_params: Any, rng: jax.Array,
             log: Callable[[str], None] = print) -> tuple[Any, dict[str, float]]:
   """`config.train.vae_fit.steps` Adam steps on `|decode(sample) - x|^2 + kl_weight * KL`.
 
   Args:
     config: the whole config (`train.vae_fit`: steps, batch_size, learning_rate, kl_weight,
-      schedule, warmup_steps; `model.image_decoder.vae`).
+      schedule, warmup_steps: `fit_schedule`; `model.image_decoder.vae`).
     vae_params: the VAE's params (`params["image_decoder"]["decoder"]["vae"]`).
     rng: draws the latent samples.
   Returns:
@@ -58,7 +44,7 @@ def fit_vae(config: Any, vae_params: Any, rng: jax.Array,
   """
   fit = config.train.vae_fit
   vae = AutoencoderKL(VAEConfig.from_config(config.model.image_decoder.vae))
-  schedule = learning_rate_schedule(fit)
+  schedule = learning_rate_schedule(fit, "train.vae_fit")
   optimizer = optax.adam(schedule)
   kl_weight = float(fit.kl_weight)
 
@@ -95,4 +81,4 @@ def fit_vae(config: Any, vae_params: Any, rng: jax.Array,
   return jax.device_get(params), stats
 
 
-__all__ = ["fit_vae", "learning_rate_schedule", "training_pictures"]
+__all__ = ["fit_vae", "training_pictures"]
