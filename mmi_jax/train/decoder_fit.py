@@ -218,7 +218,8 @@ def fit_decoder(config: Any, params: Any, rng: jax.Array,
 
   Args:
     config: the whole config (`train.decoder_fit`: steps, batch_size, learning_rate,
-      schedule, warmup_steps, context; `model.image_decoder`, whose VAE must already be fitted; `model.llm`).
+      schedule, warmup_steps, context; `model.image_decoder`, whose VAE must already be
+      fitted; `model.llm`).
     params: the whole model's params.
     rng: draws the stand-in vectors and every draw of the loss.
     fit: the settings; `train.decoder_fit` if None.
