@@ -225,31 +225,11 @@ def get_config() -> ml_collections.ConfigDict:
       remat_policy="",  # "": none; else a jax.checkpoint_policies name ("nothing_saveable")
       attention_implementation="",  # "": JAX's choice for the platform; "xla", "cudnn"
       init_checkpoint="",  # a release checkpoint (`convert.release.load`) to start from
-      # Demos without SD's pretrained VAE fit the (frozen) VAE as an autoencoder on the
-      # training pictures first (`mmi_jax.train.vae_fit`); 0 steps: keep it as initialised
-      # or loaded. `schedule` "constant", or "cosine": linear warm-up over `warmup_steps`,
-      # then a cosine decay to 2% of `learning_rate` at `steps`.
-      vae_fit=dict(steps=0, batch_size=16, learning_rate=1e-3, kl_weight=1e-6,
-                   schedule="constant", warmup_steps=0),
-      # Likewise without CLIP's pretrained ViT: the visual tokenizer's encoder is first fitted
-      # to classify the training pictures' attributes (`mmi_jax.train.vision_fit`).
-      vision_fit=dict(steps=0, batch_size=16, learning_rate=1e-3),
-      # Without Vicuna's: the LLM and its text head are first fitted to the training
-      # documents' text, images left out (`mmi_jax.train.llm_fit`).
-      llm_fit=dict(steps=0, batch_size=16, learning_rate=1e-3),
-      # And without SD's pretrained UNet: after the VAE (and the LLM), the image decoder's
-      # Q-Former and UNet are first fitted to draw the training pictures from their
-      # captions' contexts (`mmi_jax.train.decoder_fit`); `context` "stand_in": learned
-      # vectors stand in for the LLM's states, "llm": the frozen LLM's states through
-      # `context_feat_proj`, which is fitted too. `schedule` and `warmup_steps` as the VAE's.
-      decoder_fit=dict(steps=0, batch_size=16, learning_rate=1e-3, context="stand_in",
-                       schedule="constant", warmup_steps=0),
-      # The same fit after the last train step, through the trained, frozen LLM (as SD's UNet
-      # was trained on a frozen text encoder); the last step is saved only after it.
-      decoder_fit_after_training=dict(steps=0, batch_size=16, learning_rate=1e-3,
-                                      schedule="constant", warmup_steps=0),
+      # What the job adds to the training loop: `mmi_jax.train.extensions.Extension`
+      # subclasses by dotted name ("package.module.Class"); each may own a config section.
+      extensions=(),
       log_every=10,  # steps between log lines and TensorBoard scalars
-      eval_every=1000,  # steps between held-out evaluations (0: only at the end)
+      eval_every=1000,  # steps between the extensions' evaluations (0: only after the last)
       checkpoint_every=1000,  # steps between asynchronous Orbax saves
       keep_checkpoints=5,  # the last K are kept
   )
@@ -278,15 +258,6 @@ def get_config() -> ml_collections.ConfigDict:
   # fields: auto-detected on TPU pods, SLURM and the like).
   config.distributed = dict(initialize=False, coordinator_address="", num_processes=0,
                             process_id=-1)
-
-  # Held-out evaluation of the training command.
-  config.eval = dict(
-      caption_documents=64,  # single-image documents whose caption is decoded greedily
-      max_caption_tokens=16,
-      generation_documents=16,  # captions whose picture is generated
-      generation_steps=30,
-      guidance_scale=7.5,
-  )
 
   # SPEC 10: interleaved inference.
   config.generate = dict(

@@ -6,22 +6,13 @@ blocks), the same MMFS head and point counts (16 heads, 8 points), ids, losses a
 Image sizes shrink too, so the multi-scale maps are (16, 8, 4, 2) instead of (64, 32, 16, 8).
 """
 
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def _released_config() -> ml_collections.ConfigDict:
-  path = pathlib.Path(__file__).with_name("mmi_13b.py")
-  spec = importlib.util.spec_from_file_location("mmi_13b_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from configs import mmi_13b
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = _released_config()
+  config = mmi_13b.get_config()
   config.name = "tiny"
   model = config.model
   model.dtype = "float32"

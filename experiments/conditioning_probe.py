@@ -26,9 +26,9 @@ from mmi_jax import sharding  # noqa: E402
 from mmi_jax.data import pipeline, shapes  # noqa: E402
 from mmi_jax.models.image_decoder import ImageDecoder  # noqa: E402
 from mmi_jax.models.mm_interleaved import MMInterleaved  # noqa: E402
+from mmi_jax.demo.shapes_evaluation import Evaluator  # noqa: E402
+from mmi_jax.train.batches import global_batch  # noqa: E402
 from mmi_jax.train.checkpoints import Checkpoints  # noqa: E402
-from mmi_jax.train.evaluation import Evaluator  # noqa: E402
-from mmi_jax.train.loop import global_batch  # noqa: E402
 from mmi_jax.train.train_state import TrainSetup  # noqa: E402
 
 

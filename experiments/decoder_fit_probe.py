@@ -1,8 +1,8 @@
-"""How well the image decoder alone draws captions after `train.decoder_fit` (issue 7).
+"""How well the image decoder alone draws captions after `stand_ins.decoder_fit` (issue 7).
 
 The demo (`configs/demo.py`) replaces SD's pretrained UNet by a fit of the image decoder's
 Q-Former and UNet on the training pictures, with learned stand-ins for the LLM's states
-(`mmi_jax.train.decoder_fit`, context "stand_in"). This probe runs that fit alone (the VAE
+(`mmi_jax.demo.decoder_fit`, context "stand_in"). This probe runs that fit alone (the VAE
 fitted first, as the training command does, but from the decoder's own init) and then draws
 the first picture of held-out documents from its caption's stand-in context, at several
 guidance scales, reporting how many have the caption's colour (`shapes.classify_colour`, the
@@ -11,7 +11,7 @@ own ability from the bridge the training learns afterwards (`context_feat_proj` 
 LLM's states where the fitted Q-Former reads them).
 
   python experiments/decoder_fit_probe.py --config=configs/demo.py \
-      --config.train.decoder_fit.steps=1000 --pictures=64
+      --config.stand_ins.decoder_fit.steps=1000 --pictures=64
 
 Results: experiments/PERFORMANCE.md.
 """
@@ -27,11 +27,11 @@ from ml_collections import config_flags
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mmi_jax import image_generation  # noqa: E402
 from mmi_jax.data import shapes  # noqa: E402
-from mmi_jax.models.image_decoder import ImageDecoder, ImageDecoderConfig  # noqa: E402
+from mmi_jax.demo import decoder_fit, shapes_evaluation, vae_fit  # noqa: E402
+from mmi_jax.generate import image_generation  # noqa: E402
+from mmi_jax.models.image_decoder import ImageDecoder  # noqa: E402
 from mmi_jax.models.sincos import sincos_1d  # noqa: E402
-from mmi_jax.train import decoder_fit, evaluation, vae_fit  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "the run's config")
 _PICTURES = flags.DEFINE_integer("pictures", 64, "held-out captions drawn")
@@ -41,7 +41,7 @@ _GUIDANCE = flags.DEFINE_list("guidance", ["1.0", "3.0", "7.5"], "guidance scale
 def main(argv):
   del argv
   config = _CONFIG.value
-  decoder = ImageDecoder(ImageDecoderConfig.from_config(config.model))
+  decoder = ImageDecoder.from_config(config.model)
   length = int(config.model.image_decoder.max_context_length)
   width = int(config.model.llm.hidden_size)
   size = int(config.model.image_decoder.image_size)
@@ -53,18 +53,20 @@ def main(argv):
                                                     log=lambda line: None)
   print(f"vae fitted: {stats}", flush=True)
   start = time.perf_counter()
-  config.train.decoder_fit.update(context="stand_in", stage="before_training")
-  fitted, error = decoder_fit.fit_image_decoder(config, {"image_decoder": params}, fit_key)
-  print(f"decoder fit: {config.train.decoder_fit.steps} steps in "
+  settings = config.stand_ins.decoder_fit
+  settings.context = "stand_in"
+  fitted, error = decoder_fit.fit_image_decoder(config, {"image_decoder": params}, fit_key,
+                                                settings, "stand_ins.decoder_fit")
+  print(f"decoder fit: {settings.steps} steps in "
         f"{time.perf_counter() - start:.0f} s, last error {error:.4f}", flush=True)
 
-  scenes = evaluation.held_out_scenes(config, _PICTURES.value)
+  scenes = shapes_evaluation.held_out_scenes(config, _PICTURES.value)
   ids, mask = decoder_fit.caption_contexts(config, scenes)
   context = fitted["context_vectors"][ids] + jnp.asarray(sincos_1d(width, np.arange(length)))
   for guidance in map(float, _GUIDANCE.value):
     draw = jax.jit(lambda params, context, mask, key: image_generation.generate_images(
         decoder, params, context, mask, None, None, key,
-        num_steps=int(config.eval.generation_steps), guidance_scale=guidance))
+        num_steps=int(config.shapes_eval.generation_steps), guidance_scale=guidance))
     pictures = np.asarray(draw(fitted["image_decoder"], context, jnp.asarray(mask), sample_key))
     hits = [shapes.classify_colour(picture, scene.background) == scene.colour
             for picture, scene in zip(pictures, scenes)]

@@ -1,68 +1,21 @@
-"""The training batch of MM-Interleaved: static shapes, images as one flat list.
+"""Host-side checks of the model's batches, and shape-only example batches.
 
-A batch holds `B` token sequences of `L` tokens and a flat list of `N` image slots, in
-document order (all images of a sequence in the order of its soi tokens; sequences may
-interleave in the list). Padding slots (`image_valid` False) hold any pixels and change
-nothing. One compilation serves every batch of the same shapes.
-
-Host-side `validate` checks what array ops cannot report: that each sequence has one soi
-followed by `tokens_per_image` `<|image|>` tokens per image it owns, and that the shapes and
-sizes agree with the model config. Run it in the data pipeline, before a batch reaches the
-device.
+`validate` checks what array ops cannot report: that each sequence has one soi followed by
+`tokens_per_image` `<|image|>` tokens per image it owns, and that the shapes and sizes agree
+with the model config. Run it in the data pipeline, before a batch reaches the device.
+`example_batch` gives the shape structs `init` and `jax.eval_shape` need.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import flax.struct
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from mmi_jax.models.batch import Batch
 from mmi_jax.models.multimodal_inputs import TokenIds, check_image_layout
-
-
-@flax.struct.dataclass
-class Batch:
-  """One batch (a pytree; optional fields may be None).
-
-  Attributes:
-    text_ids: `[B, L]` int token ids.
-    attention_mask: `[B, L]` int, 1 on real tokens.
-    images: `[N, Hv, Wv, 3]` float pixels in [0, 1] at the vision encoder's size.
-    image_sequence_ids: `[N]` int, the sequence (row of `text_ids`) each image belongs to.
-    image_valid: `[N]` bool, False for padding slots.
-    decoder_images: `[N, Hd, Wd, 3]` in [0, 1] at the image decoder's size; None: `images`
-      (which must then have the decoder's size), as the release does.
-    image_loss_mask: `[N]`, 0 excludes an image from the image loss; None: all count.
-    prompt_offsets: `[B]` int, targets at positions before the offset carry no text loss
-      (the release's `ignore_prompt_token_offset`); None: 0.
-    ignore_noimage_text: `[B]` bool, rows of image-text-pair datasets: text with no image
-      earlier in its document carries no text loss (`dataset_to_ignore_noimage_cond_loss`);
-      None: False.
-    context_starts: `[N]` int, where each image's context for the image decoder starts (the
-      release's `nearest_bos_idxs`); None: its document's `<s>` (SPEC 7). The release's
-      pair datasets pass none, which means 0 (the row's start): pass zeros to reproduce them.
-  """
-
-  text_ids: jax.Array
-  attention_mask: jax.Array
-  images: jax.Array
-  image_sequence_ids: jax.Array
-  image_valid: jax.Array
-  decoder_images: jax.Array | None = None
-  image_loss_mask: jax.Array | None = None
-  prompt_offsets: jax.Array | None = None
-  ignore_noimage_text: jax.Array | None = None
-  context_starts: jax.Array | None = None
-
-  @property
-  def batch_size(self) -> int:
-    return self.text_ids.shape[0]
-
-  @property
-  def num_image_slots(self) -> int:
-    return self.images.shape[0]
 
 
 def validate(batch: Batch, model_config: Any, *, max_images_per_sequence: int | None = None
@@ -73,7 +26,7 @@ def validate(batch: Batch, model_config: Any, *, max_images_per_sequence: int | 
   each sequence (`check_image_layout`), sequence ids in range, and context starts at or
   before their image's soi.
   """
-  tokens = TokenIds.from_config(model_config.tokens)
+  tokens = TokenIds.from_config(model_config)
   text_ids = np.asarray(batch.text_ids)
   if text_ids.ndim != 2 or not np.issubdtype(text_ids.dtype, np.integer):
     raise ValueError(f"batch.text_ids must be an int [B, L] array, got {text_ids.dtype} "
@@ -129,4 +82,21 @@ def validate(batch: Batch, model_config: Any, *, max_images_per_sequence: int | 
                          f"{starts[slot]}, not within [0, its soi at {soi[rank]}]")
 
 
-__all__ = ["Batch", "validate"]
+def example_batch(model_config: Any, *, batch_size: int = 1, length: int = 8,
+                  image_slots: int = 1) -> Batch:
+  """Shape-only inputs for `init` / `jax.eval_shape` (`jax.ShapeDtypeStruct` leaves)."""
+  size = model_config.vision_encoder.image_size
+  decoder = model_config.get("image_decoder")
+  struct = jax.ShapeDtypeStruct
+  decoder_images = None
+  if decoder is not None and decoder.image_size != size:
+    decoder_images = struct((image_slots, decoder.image_size, decoder.image_size, 3),
+                            jnp.float32)
+  return Batch(text_ids=struct((batch_size, length), jnp.int32),
+               attention_mask=struct((batch_size, length), jnp.int32),
+               images=struct((image_slots, size, size, 3), jnp.float32),
+               image_sequence_ids=struct((image_slots,), jnp.int32),
+               image_valid=struct((image_slots,), jnp.bool_), decoder_images=decoder_images)
+
+
+__all__ = ["example_batch", "validate"]

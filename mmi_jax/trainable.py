@@ -1,9 +1,9 @@
 """Which params train: masks from path patterns, and parameter counts.
 
 A model states what it freezes as regular expressions over '/'-joined param paths (the
-visual tokenizer: the CLIP ViT trunk and the fixed position table). `trainable_mask` turns them
-into a tree of booleans shaped like the params, which the optimizer (`optax.masked`,
-`optax.multi_transform`) and the tests use.
+visual tokenizer: the CLIP ViT trunk and the fixed position table). `unfrozen_mask` turns them
+into a tree of booleans shaped like the params, True where no pattern matches; the training
+optimizer (`mmi_jax.train.optimizer.trainable_mask`) starts from it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import flax.linen as nn
 from flax import traverse_util
 
 
-def trainable_mask(params: Any, frozen_patterns: Iterable[str]) -> dict[str, Any]:
+def unfrozen_mask(params: Any, frozen_patterns: Iterable[str]) -> dict[str, Any]:
   """A tree like `params` (plain, boxed or abstract) with False where a frozen pattern
   matches the param's path (`"encoder/encoder/layers_0/mlp/fc1/kernel"`), True elsewhere."""
   patterns = [re.compile(p) for p in frozen_patterns]

@@ -4,16 +4,16 @@ repository root on sys.path.
 XLA_FLAGS must be set before jax is first imported, which is why it is done here. Tests that
 need one device simply use the default device; multi-device tests build meshes over all 8.
 The suite's time is mostly XLA compiling the models' gradients; with LLVM's optimisations off
-the whole model compiles about a third faster (152 s -> 96 s on one core of a 2-core machine) and its programs
-run a little slower. The tests check values, not speed, and XLA's HLO passes (fusion, sharding)
+they compile much faster and run a little slower (experiments/PERFORMANCE.md). The tests check values, not speed, and XLA's HLO passes (fusion, sharding)
 are the same; subprocesses that set their own XLA_FLAGS take these
 (`test_train_command.environment`).
 
 The session, its pytest-xdist workers and the training commands they start share one
 persistent compilation cache, in a directory made for the session and removed after it: a
-program compiled once is not compiled again, as a model's initialisers (run op by op, the same
-shapes in every init) or a train step a test compiles and a `python -m mmi_jax.train`
-subprocess compiles again.
+program compiled once is not compiled again by a process with the same devices, as a model's
+initialisers (run op by op, the same shapes in every init) or the train step of a training
+command that a later one runs again. (JAX keys the cache by the process's devices, and a
+multi-process program by the process: there each process compiles its own.)
 """
 
 import atexit
@@ -21,6 +21,8 @@ import os
 import shutil
 import sys
 import tempfile
+
+import pytest
 
 TEST_XLA_FLAGS = ("--xla_force_host_platform_device_count=8",
                   "--xla_backend_optimization_level=0")
@@ -41,3 +43,32 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (_ROOT, os.path.join(_ROOT, "tests")):
   if path not in sys.path:
     sys.path.insert(0, path)
+
+
+# The groups that span modules hold the longest work (training commands, trained states):
+# they are handed out first, so that both workers finish together.
+FIRST_GROUPS = ("train_command", "whole_model", "text_only_model")
+
+
+def pytest_configure(config):
+  """pytest-xdist hands out groups in the order of the tests (`FIRST_GROUPS` first), not
+  sorted by their number of tests (its `--no-loadscope-reorder`)."""
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist names each test's group
+def pytest_collection_modifyitems(items):
+  """A test without a pytest-xdist group joins its module's (`--dist loadgroup`): one worker
+  runs a module's tests, so that its fixtures and compiled programs are made once. Groups
+  named in the tests (`xdist_group`) span modules that share a trained state; they come
+  first."""
+  def group(item):
+    marker = item.get_closest_marker("xdist_group")
+    return marker.args[0] if marker else item.module.__name__
+
+  for item in items:
+    if not item.get_closest_marker("xdist_group"):
+      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+  rank = {name: index for index, name in enumerate(FIRST_GROUPS)}
+  items.sort(key=lambda item: rank.get(group(item), len(FIRST_GROUPS)))

@@ -9,7 +9,7 @@ import flax.linen as nn
 from flax import traverse_util
 
 from mmi_jax.convert import release
-from mmi_jax.convert.torch_names import torch_name
+from mmi_jax.param_names import release_key_of_rule, torch_name
 
 SHAPES_13B = pathlib.Path(__file__).resolve().parents[2] / "shared" / "shapes_13b.json"
 
@@ -18,7 +18,7 @@ def release_name_and_shape(path, shape, prefix=""):
   """The release's key and shape for a Flax param of a component under `prefix`
   (`convert.release`'s naming exceptions: MMFS's `query_relpos` and 4-D `ignore_token`,
   diffusers' `time_embedding.linear_1`)."""
-  return release.release_key_of_rule(torch_name(path, prefix)), release.release_shape(path, shape)
+  return release_key_of_rule(torch_name(path, prefix)), release.release_shape(path, shape)
 
 
 def release_shapes_of(abstract_params, prefix=""):

@@ -153,7 +153,7 @@ def _replaced(tokens, name, value):
 def test_pack_rows_packs_several_documents_per_row_in_order():
   config = _config()
   tokenizer = shapes_tokenizer()
-  tokens = TokenIds.from_config(config.model.tokens)
+  tokens = TokenIds.from_config(config.model)
   documents = [shapes.make_document("train", index) for index in range(10)]
   batch, stats = packing.pack_rows(documents, rows=4, sequence_length=128, images_per_row=6,
                                    model_config=config.model, tokenizer=tokenizer)
@@ -190,7 +190,7 @@ def test_pack_rows_packs_several_documents_per_row_in_order():
 def test_pack_rows_skips_and_counts_documents_that_cannot_fit():
   config = _config()
   tokenizer = shapes_tokenizer()
-  tokens = TokenIds.from_config(config.model.tokens)
+  tokens = TokenIds.from_config(config.model)
   documents = [shapes.make_document("train", index) for index in range(40)]
   three = next(d for d in documents if len(d.scenes) == 3)
   single = next(d for d in documents if len(d.scenes) == 1)
@@ -278,7 +278,7 @@ def test_held_out_split_is_read_once_in_order():
   last, _ = elements[-1]
   assert last.text_ids.shape == (2, 128) and last.attention_mask[1].sum() == 0
   tokenizer = shapes_tokenizer()
-  tokens = TokenIds.from_config(config.model.tokens)
+  tokens = TokenIds.from_config(config.model)
   first_ids, _ = packing.document_tokens(shapes.make_document("held_out", 0, seed=3), tokenizer,
                                          tokens)
   np.testing.assert_array_equal(elements[0][0].text_ids[0, :len(first_ids)], first_ids)

@@ -33,7 +33,7 @@ TRUNK = ("embeddings", "pre_layrnorm", "encoder")
 @functools.lru_cache(maxsize=None)
 def _full_params():
   """A full MM-Interleaved params tree of the tiny config (MMFS layers included)."""
-  params = random_params(release.abstract_params(CONFIG), seed=0)
+  params = random_params(release.param_shapes(CONFIG), seed=0)
   params["text_decoder"]["head"]["bias"][:TEXT_VOCAB] = 0.0  # as released
   return params
 
@@ -126,7 +126,7 @@ def test_clip_vision_export_reproduces_the_trunk(exported):
   images = np.random.default_rng(4).standard_normal(
       (2, vision.image_size, vision.image_size, 3)).astype(np.float32)
   encoder = _full_params()["visual_tokenizer"]["encoder"]
-  module = CLIPVisionTransformer.from_config(vision)
+  module = CLIPVisionTransformer.from_config(CONFIG)
   ours = jax.jit(module.apply)({"params": {name: encoder[name] for name in TRUNK}}, images)
   with torch.no_grad():
     reference = torch_clip(pixel_values=_nchw(images)).last_hidden_state.numpy()

@@ -12,13 +12,13 @@ from flax import traverse_util
 
 from configs import mmi_13b, tiny
 from mmi_jax import sharding
-from mmi_jax.convert.diffusers import diffusers_key
 from mmi_jax.convert.hf import qformer_params
-from mmi_jax.convert.torch_names import params_from_state_dict, to_torch_layout, torch_name
-from mmi_jax.image_generation import decode_images, generate_latents
+from mmi_jax.convert.torch_names import params_from_state_dict, to_torch_layout
+from mmi_jax.generate.image_generation import decode_images, generate_latents
 from mmi_jax.models.image_decoder import FROZEN_PATTERNS, ImageDecoder, ImageDecoderConfig
 from mmi_jax.models.mmfs_net import MMFSBlock, MMFSNet
-from mmi_jax.trainable import count_params, trainable_mask
+from mmi_jax.param_names import diffusers_key, torch_name
+from mmi_jax.trainable import count_params, unfrozen_mask
 from release_shapes import (SHAPES_13B, release_name_and_shape, release_shapes_of,
                             release_state_dict)
 from torch_model_references import image_decoder_loss_reference, image_decoder_modules
@@ -317,7 +317,7 @@ def test_13b_image_decoder_has_exactly_the_release_names_shapes_and_trainable_pa
   release = release_state_dict(("image_decoder",))
   assert release_shapes_of(abstract, "image_decoder.") == {
       key: tuple(entry["shape"]) for key, entry in release.items()}
-  mask = trainable_mask(abstract, FROZEN_PATTERNS)
+  mask = unfrozen_mask(abstract, FROZEN_PATTERNS)
   trainable = traverse_util.flatten_dict(mask)
   ours = {release_name_and_shape(path, tuple(leaf.shape), "image_decoder.")[0]: trainable[path]
           for path, leaf in traverse_util.flatten_dict(nn.meta.unbox(abstract)).items()}

@@ -16,17 +16,18 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from configs import demo
 from mmi_jax import sharding
-from mmi_jax.batch import Batch, validate
+from mmi_jax.batch import validate
 from mmi_jax.convert import release
 from mmi_jax.models import mm_interleaved as mmi
+from mmi_jax.models.batch import Batch
 from random_params import random_params
+from training_cases import small_model
 
 # The demo's model: every component of the release (MMFS in the LLM, the MMFS net in the UNet),
-# with fewer layers, so that the 8-device gradient compiles in minutes on a CI CPU; the LLM has
-# 2 (MMFS in the first, a plain one after). The release's layer pattern (tiny widths) is
-# compared with PyTorch in test_mm_interleaved_reference.py.
-CONFIG = demo.get_config().model
-CONFIG.llm.num_layers = 2
+# with fewer layers (`training_cases.small_model`: an LLM of 2 layers, MMFS in the first; a UNet
+# of 2 levels), so that the 8-device gradient compiles in a minute on a CI CPU. The release's
+# layer pattern (tiny widths) is compared with PyTorch in test_mm_interleaved_reference.py.
+CONFIG = small_model(demo.get_config().model)
 # The release's loss weights and objective (the demo weighs the image loss 1 and predicts v).
 CONFIG.loss.image_weight = 10.0
 CONFIG.image_decoder.noise_schedule.prediction_type = "epsilon"
@@ -61,7 +62,7 @@ def make_batch(seed: int) -> Batch:
 @functools.lru_cache(maxsize=None)
 def model_and_params():
   model = mmi.MMInterleaved.from_config(CONFIG)
-  abstract = release.abstract_params(CONFIG)
+  abstract = release.param_shapes(CONFIG)
   return model, abstract, jax.tree.map(jnp.asarray, random_params(abstract, seed=3))
 
 

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 
 from configs import tiny
 from mmi_jax import sharding
-from mmi_jax.batch import Batch, validate
+from mmi_jax.batch import example_batch, validate
 from mmi_jax.convert import release
+from mmi_jax.models.batch import Batch
 from mmi_jax.models.image_decoder import ImageDecoderConfig
-from mmi_jax.models.mm_interleaved import (DiffusionInputs, MMInterleaved, example_batch,
-                                           text_targets)
+from mmi_jax.models.mm_interleaved import DiffusionInputs, MMInterleaved, text_targets
 from mmi_jax.models.multimodal_inputs import TokenIds
 import torch_model_references as model_ref
 from random_params import random_params
@@ -411,7 +411,7 @@ def _rule_rows():
 ], ids=["plain", "prompt-offsets", "ignore-noimage-text", "both"])
 def test_text_targets_follow_the_release_rules(prompt_offsets, ignore_noimage):
   ids, mask = _rule_rows()
-  tokens = TokenIds.from_config(TOKENS)
+  tokens = TokenIds.from_config(CONFIG)
   ours = text_targets(jnp.asarray(ids), jnp.asarray(mask), tokens,
                       None if prompt_offsets is None else jnp.asarray(prompt_offsets),
                       None if ignore_noimage is None else jnp.asarray(ignore_noimage))

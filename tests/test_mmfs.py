@@ -190,7 +190,7 @@ def test_initialisation_follows_the_original():
 
 def test_llm_config_initialises_the_unset_kernels_like_hugging_face_llama():
   config = mmi_13b.get_config().model.llm.mmfs
-  module = MMFS.from_config(config, attention_dim=64, output_dim=256)
+  module = MMFS.from_mapping(config, attention_dim=64, output_dim=256)
   params = nn.meta.unbox(module.init(
       jax.random.key(4), np.ones((1, 2, 256), np.float32), np.full((1, 2, 2), 0.5, np.float32),
       np.ones((1, 1, sum(s * s for s in config.scale_sizes), 64), np.float32),
@@ -223,7 +223,7 @@ def _release_shapes(prefix):
 
 def test_llm_mmfs_of_the_13b_config_has_the_release_shapes():
   config = mmi_13b.get_config().model
-  module = MMFS.from_config(config.llm.mmfs, attention_dim=config.vision_encoder.hidden_size,
+  module = MMFS.from_mapping(config.llm.mmfs, attention_dim=config.vision_encoder.hidden_size,
                             output_dim=config.llm.hidden_size)
   positions = sum(s * s for s in config.llm.mmfs.scale_sizes)
   abstract = sharding.abstract_params(

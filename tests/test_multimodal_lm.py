@@ -15,7 +15,7 @@ from flax import traverse_util
 from configs import mmi_13b, tiny
 from mmi_jax import sharding
 from mmi_jax.convert.torch_names import to_torch_layout
-from mmi_jax.decoding import decode_step, greedy_decode
+from mmi_jax.generate.decoding import decode_step, greedy_decode
 from mmi_jax.models import multimodal_inputs as mm_inputs
 from mmi_jax.models.multimodal_lm import MultimodalLM
 from mmi_jax.models.text_head import TextHead, head_from_lm_head
@@ -24,7 +24,7 @@ from release_shapes import (SHAPES_13B, release_name_and_shape, release_shapes_o
 from torch_model_references import llama_reference, multimodal_lm_reference
 
 CONFIG = tiny.get_config().model
-TOKENS = mm_inputs.TokenIds.from_config(CONFIG.tokens)
+TOKENS = mm_inputs.TokenIds.from_config(CONFIG)
 T = CONFIG.tokens.tokens_per_image
 D = CONFIG.llm.hidden_size
 DV = CONFIG.vision_encoder.hidden_size

@@ -21,6 +21,7 @@ from configs import mmi_13b, tiny
 from mmi_jax import trainable as trainable_lib
 from mmi_jax.convert import release
 from mmi_jax.models.mm_interleaved import frozen_param_patterns
+from mmi_jax.param_names import release_name
 from mmi_jax.train import optimizer
 from release_shapes import SHAPES_13B
 
@@ -46,7 +47,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def abstract(config):
-  return nn.meta.unbox(release.abstract_params(config.model))
+  return nn.meta.unbox(release.param_shapes(config.model))
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_adamw_steps_match_torch_with_release_groups_schedule_and_clipping(
   config.train.update(warmup_steps=3, steps=10)
   paths = [path for path in flat(abstract) if joined(path[:-1]) in OWNERS]
   assert len({joined(path[:-1]) for path in paths}) == len(OWNERS)
-  names = {path: release.release_name(path) for path in paths}
+  names = {path: release_name(path) for path in paths}
   owner_class = {names[path].rpartition(".")[0]: OWNERS[joined(path[:-1])] for path in paths}
   rng = np.random.default_rng(0)
   shapes = {path: flat(abstract)[path].shape for path in paths}
@@ -275,7 +276,7 @@ def test_weight_decay_mask_follows_torch_layer_norm_modules(decay_mask):
 
 
 def test_trainable_set_is_the_release_set_with_unfreeze_and_freeze(config, abstract):
-  release_mask = trainable_lib.trainable_mask(abstract, frozen_param_patterns(config.model))
+  release_mask = trainable_lib.unfrozen_mask(abstract, frozen_param_patterns(config.model))
   mask = optimizer.trainable_mask(abstract, config)
   assert flat(mask) == flat(release_mask)
   assert trainable_lib.count_params(abstract, mask) == trainable_lib.count_params(
@@ -338,12 +339,12 @@ def test_param_group_pattern_that_matches_nothing_raises(config, abstract):
 @pytest.mark.skipif(not SHAPES_13B.exists(), reason="shared/shapes_13b.json is not present")
 def test_13b_trainable_set_and_group_sizes_match_the_release_state_dict():
   config = mmi_13b.get_config()
-  abstract = nn.meta.unbox(release.abstract_params(config.model))
+  abstract = nn.meta.unbox(release.param_shapes(config.model))
   entries = json.loads(SHAPES_13B.read_text())["state_dict"]
   mask = flat(optimizer.trainable_mask(abstract, config))
   labels = flat(optimizer.param_groups(abstract, config))
   shapes = flat(abstract)
-  names = {path: release.release_name(path) for path in mask}
+  names = {path: release_name(path) for path in mask}
   assert {names[p]: trains for p, trains in mask.items()} == {
       name: entry["requires_grad"] for name, entry in entries.items()
       if entry["kind"] == "parameter"}

@@ -118,7 +118,7 @@ def test_perceiver_dropout_needs_an_rng_and_is_off_by_default():
 
 def test_qformer_config_rejects_unknown_keys():
   with pytest.raises(ValueError, match="unknown keys"):
-    QFormerConfig.from_config({"hidden_size": 8, "hiden_layers": 2})
+    QFormerConfig.from_mapping({"hidden_size": 8, "hiden_layers": 2})
 
 
 def test_encoder_mask_must_match_the_features():

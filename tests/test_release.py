@@ -12,9 +12,9 @@ import torch
 from flax import traverse_util
 
 from configs import mmi_13b, tiny
-from mmi_jax import trainable
-from mmi_jax.convert import checkpoint_files, release
+from mmi_jax import param_names, trainable
 from mmi_jax.convert import __main__ as cli
+from mmi_jax.convert import checkpoint_files, release
 from mmi_jax.convert.torch_names import ConversionError
 from mmi_jax.models.mm_interleaved import frozen_param_patterns
 from random_params import random_params
@@ -38,7 +38,7 @@ def assert_bitwise_equal(actual, expected):
 
 @pytest.fixture(scope="module")
 def tiny_abstract():
-  return release.abstract_params(TINY)
+  return release.param_shapes(TINY)
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +70,10 @@ def test_13b_expected_shapes_are_the_release_state_dict(release_13b):
 @pytest.mark.skipif(not SHAPES_13B.exists(), reason="shared/shapes_13b.json is not present")
 def test_13b_trainable_params_are_the_release_requires_grad(release_13b):
   config = mmi_13b.get_config().model
-  abstract = release.abstract_params(config)
-  mask = trainable.trainable_mask(abstract, frozen_param_patterns(config))
+  abstract = release.param_shapes(config)
+  mask = trainable.unfrozen_mask(abstract, frozen_param_patterns(config))
   assert trainable.count_params(abstract, mask) == release_13b["trainable_params"]
-  ours = {release.release_name(path): trains for path, trains in flat(mask).items()}
+  ours = {param_names.release_name(path): trains for path, trains in flat(mask).items()}
   state = release_13b["state_dict"]
   assert ours == {key: entry["requires_grad"] for key, entry in state.items()
                   if entry["kind"] == "parameter"}

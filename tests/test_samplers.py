@@ -150,17 +150,17 @@ def test_from_config_takes_a_config_dict_and_checks_its_keys():
   section = ml_collections.ConfigDict(dict(
       num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
       beta_end=0.012, prediction_type="epsilon"))
-  schedule = NoiseSchedule.from_config(section)
+  schedule = NoiseSchedule.from_mapping(section)
   assert schedule.steps_offset == 0 and schedule.set_alpha_to_one and not schedule.clip_sample
-  assert NoiseSchedule.from_config({**section.to_dict(), "steps_offset": 1}).steps_offset == 1
+  assert NoiseSchedule.from_mapping({**section.to_dict(), "steps_offset": 1}).steps_offset == 1
   with pytest.raises(ValueError, match="lacks \\['beta_end'\\]"):
-    NoiseSchedule.from_config({k: v for k, v in section.items() if k != "beta_end"})
+    NoiseSchedule.from_mapping({k: v for k, v in section.items() if k != "beta_end"})
   with pytest.raises(ValueError, match="unknown keys \\['beta_strat'\\]"):
-    NoiseSchedule.from_config({**section.to_dict(), "beta_strat": 0.1})
+    NoiseSchedule.from_mapping({**section.to_dict(), "beta_strat": 0.1})
   with pytest.raises(ValueError, match="'sigmoid'"):
-    NoiseSchedule.from_config({**section.to_dict(), "beta_schedule": "sigmoid"})
+    NoiseSchedule.from_mapping({**section.to_dict(), "beta_schedule": "sigmoid"})
   with pytest.raises(ValueError, match="'x0'"):
-    NoiseSchedule.from_config({**section.to_dict(), "prediction_type": "x0"})
+    NoiseSchedule.from_mapping({**section.to_dict(), "prediction_type": "x0"})
 
 
 def test_add_noise_velocity_and_training_target_equal_diffusers():

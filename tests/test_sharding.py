@@ -60,7 +60,7 @@ def test_constrain_is_a_no_op_without_a_mesh():
 
 def _mmfs_setup():
   config = tiny.get_config().model
-  module = MMFS.from_config(config.llm.mmfs, attention_dim=config.vision_encoder.hidden_size,
+  module = MMFS.from_mapping(config.llm.mmfs, attention_dim=config.vision_encoder.hidden_size,
                             output_dim=config.llm.hidden_size)
   rng = np.random.default_rng(0)
   batch, queries, images = 4, 8, 3

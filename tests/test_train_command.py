@@ -1,12 +1,14 @@
 """`python -m mmi_jax.train` end to end, in subprocesses (the text-only demo model, so that a run
-compiles in about a minute): a run stopped by SIGTERM and resumed gives the losses of an
-uninterrupted run, and two processes of 4 CPU devices each (`jax.distributed` on localhost,
-mesh data 2 x fsdp 2 x tensor 2) train the model, save and restore its checkpoint, and after 6
-steps hold the params one process on one device computes.
+compiles in about a minute): the loop calls each extension point when it should
+(`recording_extension`); and two processes of 4 CPU devices each (`jax.distributed` on
+localhost, mesh data 2 x fsdp 2 x tensor 2) train the model as one process on one device does,
+stop together when one of them gets a SIGTERM, and resume from that checkpoint to end with the
+uninterrupted process's losses and params.
 
 The runs use the session's persistent compilation cache (tests/conftest.py): the one-process
-runs reuse the programs of the first and of the tests before them (JAX writes entries from
-process 0 only, so the two-process runs gain less).
+run reuses the programs of the tests before it, and process 0 of the two-process runs' second
+launch those of the first (JAX writes entries from process 0 only, and a multi-process
+program's key differs between processes, so process 1 compiles its programs in both).
 """
 
 from __future__ import annotations
@@ -28,16 +30,19 @@ from flax import traverse_util
 from configs import demo
 from mmi_jax import sharding
 from mmi_jax.data import pipeline
-from mmi_jax.train import checkpoints, loop
+from mmi_jax.train import checkpoints
+from mmi_jax.train.batches import global_batch
 from mmi_jax.train.train_state import TrainSetup
+import recording_extension
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every run's settings (the smaller LLM of test_train.py's text-only tests).
 OVERRIDES = {"model.llm.num_layers": 2, "train.log_every": 1, "train.checkpoint_every": 2,
-             "train.eval_every": 0, "eval.caption_documents": 0, "data.batch_size": 4,
-             "train.warmup_steps": 1, "train.vision_fit.steps": 0}
+             "train.eval_every": 0, "shapes_eval.caption_documents": 0, "data.batch_size": 4,
+             "train.warmup_steps": 1, "stand_ins.vision_fit.steps": 0,
+             "train.extensions": demo.EXTENSIONS + (recording_extension.NAME,)}
 COMMON = [f"--config.{key}={value}" for key, value in OVERRIDES.items()]
-# Both tests need `straight_run`: on one pytest-xdist worker (`--dist loadgroup`) it runs once.
+# The longest group of the suite: handed out first (tests/conftest.py).
 pytestmark = pytest.mark.xdist_group("train_command")
 
 
@@ -53,7 +58,8 @@ def environment(cache_dir: str, devices: int) -> dict[str, str]:
            if not flag.startswith("--xla_force_host_platform_device_count=")]
   flags.append(f"--xla_force_host_platform_device_count={devices}")
   return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", XLA_FLAGS=" ".join(flags))
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", XLA_FLAGS=" ".join(flags),
+              PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
 
 
 def command(workdir, steps: int, *extra: str) -> list[str]:
@@ -89,8 +95,8 @@ def straight_run(tmp_path_factory, cache_dir):
   """6 steps on one device, then the held-out caption evaluation (2 captions of 3 tokens: the
   code path, not the accuracy of a model this short-trained); `(workdir, {step: loss})`."""
   workdir = tmp_path_factory.mktemp("straight")
-  run(workdir, 6, cache_dir, "--config.eval.caption_documents=2",
-      "--config.eval.max_caption_tokens=3")
+  run(workdir, 6, cache_dir, "--config.shapes_eval.caption_documents=2",
+      "--config.shapes_eval.max_caption_tokens=3")
   with open(workdir / "results.json") as file:
     results = json.load(file)
   # The demo packs two documents a row when their pictures fit, else skips the second.
@@ -98,35 +104,12 @@ def straight_run(tmp_path_factory, cache_dir):
   assert results["step"] == 6 and results["skipped_documents"] == skipped > 0
   assert 0.0 <= results["caption_accuracy"] <= 1.0 and len(results["examples"]) == 2
   assert results["examples"][0]["expected"].endswith("background .")
+  # Each extension point once, in the loop's order; the evaluations' results merge.
+  assert recording_extension.recorded_calls(workdir) == [
+      ("compile_ahead", None), ("prepare_params", None), ("after_training", 6),
+      ("evaluate", 6)]
+  assert results["recorded_evaluations"] == 1.0
   return workdir, train_losses(workdir)
-
-
-def test_sigterm_then_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, cache_dir,
-                                                                       straight_run):
-  _, straight_losses = straight_run
-  assert sorted(straight_losses) == [1, 2, 3, 4, 5, 6]
-  process = subprocess.Popen(command(tmp_path, 6), cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True,
-                             env=environment(cache_dir, 1))
-  deadline = time.monotonic() + 600
-  while not any(step >= 2 for step in train_losses(tmp_path)):
-    assert process.poll() is None, process.communicate()
-    assert time.monotonic() < deadline, "no step 2 within 10 minutes"
-    time.sleep(0.2)
-  process.send_signal(signal.SIGTERM)
-  stdout, stderr = process.communicate(timeout=600)
-  assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
-  assert "SIGTERM: saved step" in stdout
-  stopped = int(stdout.split("SIGTERM: saved step")[1].split()[0])
-  assert 2 <= stopped < 6, stdout
-  assert str(stopped) in os.listdir(tmp_path / "checkpoints")
-
-  resumed = run(tmp_path, 6, cache_dir)
-  assert f"resumed from {tmp_path / 'checkpoints'} at step {stopped}" in resumed
-  losses = train_losses(tmp_path)
-  assert sorted(losses) == [1, 2, 3, 4, 5, 6]
-  np.testing.assert_allclose([losses[s] for s in range(1, 7)],
-                             [straight_losses[s] for s in range(1, 7)], rtol=1e-6)
 
 
 def free_port() -> int:
@@ -135,8 +118,12 @@ def free_port() -> int:
     return probe.getsockname()[1]
 
 
-def test_two_processes_train_save_and_restore_like_one(tmp_path, cache_dir, straight_run):
-  def launch(steps):
+def test_two_processes_stopped_by_sigterm_resume_like_one_uninterrupted_process(
+    tmp_path, cache_dir, straight_run):
+  """Two processes train as one process on one device; a SIGTERM to one of them (process 1)
+  stops both at the same step, with a checkpoint; the same command again restores both
+  processes' state and data positions and ends where the uninterrupted run ended."""
+  def launch(stop_process_1: bool):
     port = free_port()
     processes = []
     for index in range(2):
@@ -144,28 +131,53 @@ def test_two_processes_train_save_and_restore_like_one(tmp_path, cache_dir, stra
                f"--config.distributed.coordinator_address=localhost:{port}",
                "--config.distributed.num_processes=2",
                f"--config.distributed.process_id={index}", "--config.mesh.data=2",
-               "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
+               "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+               # Saves at steps 1 and 3 (multi-process saves take seconds each).
+               "--config.train.checkpoint_every=3", "--config.train.keep_checkpoints=4")
       processes.append(subprocess.Popen(
-          command(tmp_path, steps, *extra), cwd=ROOT, stdout=subprocess.PIPE,
+          command(tmp_path, 6, *extra), cwd=ROOT, stdout=subprocess.PIPE,
           stderr=subprocess.PIPE, text=True, env=environment(cache_dir, 4)))
+    if stop_process_1:
+      deadline = time.monotonic() + 600
+      while not any(step >= 2 for step in train_losses(tmp_path)):
+        assert all(p.poll() is None for p in processes), [p.communicate() for p in processes]
+        assert time.monotonic() < deadline, "no step 2 within 10 minutes"
+        time.sleep(0.2)
+      processes[1].send_signal(signal.SIGTERM)
     outputs = [p.communicate(timeout=900) for p in processes]
     for process, (stdout, stderr) in zip(processes, outputs):
       assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
     return outputs[0][0]
 
-  first = launch(2)
-  assert "2 process(es), mesh {'data': 2, 'fsdp': 2, 'tensor': 2}, 8 cpu device(s)" in first
-  assert "2" in os.listdir(tmp_path / "checkpoints")
-  # The second run has the straight run's train.steps, so the same learning-rate schedule (the
-  # first run's 2 steps have the same rates: warm-up, then the peak).
-  second = launch(6)
-  assert f"resumed from {tmp_path / 'checkpoints'} at step 2" in second
   straight_workdir, straight_losses = straight_run
+  assert sorted(straight_losses) == [1, 2, 3, 4, 5, 6]
+  first = launch(stop_process_1=True)
+  assert "2 process(es), mesh {'data': 2, 'fsdp': 2, 'tensor': 2}, 8 cpu device(s)" in first
+  assert "SIGTERM: saved step" in first
+  stopped = int(first.split("SIGTERM: saved step")[1].split()[0])
+  assert 2 <= stopped < 6, first
+  # Orbax saves the first step too; the stop adds its own.
+  assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == sorted(
+      {"1", str(stopped)} | ({"3"} if stopped >= 3 else set()), key=int)
+  first_losses = train_losses(tmp_path)
+  assert sorted(first_losses) == list(range(1, stopped + 1))
+  # The same data, init and steps as the one-process run on one device.
+  np.testing.assert_allclose([first_losses[s] for s in range(1, stopped + 1)],
+                             [straight_losses[s] for s in range(1, stopped + 1)], rtol=1e-5)
+  # A stopped job neither runs the work after the last step nor evaluates.
+  assert recording_extension.recorded_calls(tmp_path) == [("compile_ahead", None),
+                                                          ("prepare_params", None)]
+
+  # The same command (process 0's programs come from the compilation cache).
+  second = launch(stop_process_1=False)
+  assert f"resumed from {tmp_path / 'checkpoints'} at step {stopped}" in second
   losses = train_losses(tmp_path)
   assert sorted(losses) == [1, 2, 3, 4, 5, 6]
-  # The same data, init and steps as the one-process run on one device.
   np.testing.assert_allclose([losses[s] for s in range(1, 7)],
                              [straight_losses[s] for s in range(1, 7)], rtol=1e-5)
+  # A resumed job's params come from the checkpoint: no `prepare_params`.
+  assert recording_extension.recorded_calls(tmp_path)[2:] == [
+      ("compile_ahead", None), ("after_training", 6), ("evaluate", 6)]
   config = straight_run_config()
   setup = one_device_setup(config)
   want = checkpoint_params(setup, config, straight_workdir, 6)
@@ -190,7 +202,7 @@ def straight_run_config():
 def one_device_setup(config) -> TrainSetup:
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   example = pipeline.make_dataset(config, "train")[0][0]
-  return TrainSetup.create(config, mesh, loop.global_batch([example], mesh),
+  return TrainSetup.create(config, mesh, global_batch([example], mesh),
                            image_slots=pipeline.image_slots_per_row(config.data))
 
 

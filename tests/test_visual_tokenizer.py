@@ -15,7 +15,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from configs import mmi_13b, tiny
 from mmi_jax import sharding, trainable
 from mmi_jax.convert import hf, release
-from mmi_jax.convert.torch_names import ConversionError, to_torch_layout, torch_name
+from mmi_jax.convert.torch_names import ConversionError, to_torch_layout
+from mmi_jax.param_names import release_key, torch_name
 from mmi_jax.models.vit_adapter import (CLIPViTAdapter, Injector, adapter_shapes,
                                         reference_points)
 from mmi_jax.models.visual_tokenizer import VisualTokenizer, frozen_param_patterns
@@ -74,8 +75,7 @@ def test_multiscale_maps_match_the_torch_reference(tiny_case):
 
 def test_adapter_last_hidden_state_matches_the_torch_reference(tiny_case):
   module, params = tiny_case["module"], tiny_case["params"]
-  encoder = CLIPViTAdapter.from_config(tiny_case["config"].vision_encoder,
-                                       tiny_case["config"].vision_adapter)
+  encoder = CLIPViTAdapter.from_config(tiny_case["config"])
   images = tiny_case["images"]
   mean, std = np.array(module.pixel_mean), np.array(module.pixel_std)
   pixels = ((images - mean) / std).astype(np.float32)
@@ -137,7 +137,7 @@ def test_13b_parameter_names_and_shapes_equal_the_release(abstract_13b):
   for path, leaf in jax.tree_util.tree_flatten_with_path(
       nn.meta.unbox(abstract_13b))[0]:
     names = tuple(k.key for k in path)
-    key = release.release_key(torch_name(names, "visual_tokenizer."))
+    key = release_key(torch_name(names, "visual_tokenizer."))
     view = np.broadcast_to(np.float32(0), leaf.shape)  # no memory, any shape
     ours[key] = to_torch_layout(names, view).shape
   assert set(ours) == set(entries)
@@ -145,7 +145,7 @@ def test_13b_parameter_names_and_shapes_equal_the_release(abstract_13b):
 
 
 def test_13b_parameter_count_and_trainable_split_equal_the_release(abstract_13b):
-  mask = trainable.trainable_mask(abstract_13b, frozen_param_patterns(freeze_vit=True))
+  mask = trainable.unfrozen_mask(abstract_13b, frozen_param_patterns(freeze_vit=True))
   # SPEC section 12: visual_tokenizer 433,312,960 total / 129,872,064 trainable.
   assert trainable.count_params(abstract_13b) == 433_312_960
   assert trainable.count_params(abstract_13b, mask) == 129_872_064
@@ -161,9 +161,9 @@ def test_13b_parameter_count_and_trainable_split_equal_the_release(abstract_13b)
 @pytest.mark.skipif(not SHAPES_13B.exists(), reason="shared/shapes_13b.json is not present")
 def test_trainable_mask_agrees_with_the_release_requires_grad(abstract_13b):
   entries = _release_entries()
-  mask = trainable.trainable_mask(abstract_13b, frozen_param_patterns())
+  mask = trainable.unfrozen_mask(abstract_13b, frozen_param_patterns())
   for path, trains in jax.tree_util.tree_flatten_with_path(mask)[0]:
-    key = release.release_key(torch_name(tuple(k.key for k in path), "visual_tokenizer."))
+    key = release_key(torch_name(tuple(k.key for k in path), "visual_tokenizer."))
     assert trains == entries[key]["requires_grad"], key
 
 
@@ -234,16 +234,17 @@ def test_rematerialized_adapter_has_the_same_gradients(tiny_case):
   """remat_policy wraps the ViT layers, injectors and extractors without changing the math
   (on a 4-layer variant of the tiny encoder, to keep the gradient compile short)."""
   config = tiny_case["config"]
-  vision = dict(config.vision_encoder, num_layers=4)
-  adapter = dict(config.vision_adapter, interaction_indexes=((0, 0), (1, 1), (2, 2), (3, 3)))
+  model_config = config.copy_and_resolve_references()
+  model_config.vision_encoder.num_layers = 4
+  model_config.vision_adapter.interaction_indexes = ((0, 0), (1, 1), (2, 2), (3, 3))
   pixels = tiny_case["images"] - 0.5
   rng = np.random.default_rng(0)
-  abstract = sharding.abstract_params(CLIPViTAdapter.from_config(vision, adapter), pixels)
+  abstract = sharding.abstract_params(CLIPViTAdapter.from_config(model_config), pixels)
   params = jax.tree.map(lambda x: 0.1 * rng.standard_normal(x.shape).astype(np.float32),
                         nn.meta.unbox(abstract))
 
   def gradients(policy):
-    encoder = CLIPViTAdapter.from_config(vision, adapter, remat_policy=policy)
+    encoder = CLIPViTAdapter.from_config(model_config, remat_policy=policy)
 
     def loss(p):
       outputs = encoder.apply({"params": p}, pixels)

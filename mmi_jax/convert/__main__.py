@@ -43,7 +43,7 @@ def _read_orbax(path: str, model_config, dtype):
 
   from mmi_jax.convert import release  # noqa: PLC0415
 
-  abstract = nn.meta.unbox(release.abstract_params(model_config, dtype))
+  abstract = nn.meta.unbox(release.param_shapes(model_config, dtype))
   target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), abstract)
   return ocp.StandardCheckpointer().restore(path, target)
 
@@ -70,8 +70,8 @@ def main(argv: Sequence[str]) -> None:
     from mmi_jax import trainable  # noqa: PLC0415
     from mmi_jax.models.mm_interleaved import frozen_param_patterns  # noqa: PLC0415
 
-    abstract = release.abstract_params(model_config)
-    mask = trainable.trainable_mask(abstract, frozen_param_patterns(model_config))
+    abstract = release.param_shapes(model_config)
+    mask = trainable.unfrozen_mask(abstract, frozen_param_patterns(model_config))
     total, trained = trainable.count_params(abstract), trainable.count_params(abstract, mask)
     print(f"{values.config.get('name', 'model')}: {total:,} parameters, {trained:,} trainable, "
           f"{len(traverse_util.flatten_dict(nn.meta.unbox(abstract)))} tensors")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import re
 from typing import Any
 
 import jax
@@ -30,17 +29,8 @@ from mmi_jax.convert.torch_names import params_from_state_dict
 from mmi_jax.diffusion.noise_schedule import NoiseSchedule
 from mmi_jax.models.unet import UNet2DConditionModel, UNetConfig
 from mmi_jax.models.vae import AutoencoderKL, VAEConfig
+from mmi_jax.param_names import diffusers_key
 from mmi_jax.sharding import abstract_params
-
-
-# diffusers spells one UNet module with a literal `_N` (`time_embedding.linear_1`), which the
-# `torch_names` rule would read as a list entry (`linear.1`).
-_LITERAL_UNDERSCORE = re.compile(r"(^|\.)time_embedding\.linear\.([12])\.")
-
-
-def diffusers_key(key: str) -> str:
-  """The diffusers key of a UNet key built by the `torch_names` rule."""
-  return _LITERAL_UNDERSCORE.sub(r"\1time_embedding.linear_\2.", key)
 
 
 def component_directory(path: str | os.PathLike, component: str) -> pathlib.Path:
@@ -65,13 +55,13 @@ def read_config(directory: pathlib.Path) -> dict[str, Any]:
 def unet_config(path: str | os.PathLike) -> UNetConfig:
   """The `UNetConfig` of a diffusers UNet (`unet/config.json`)."""
   directory = component_directory(path, "unet")
-  return UNetConfig.from_config(read_config(directory))
+  return UNetConfig.from_mapping(read_config(directory))
 
 
 def vae_config(path: str | os.PathLike) -> VAEConfig:
   """The `VAEConfig` of a diffusers AutoencoderKL (`vae/config.json`)."""
   directory = component_directory(path, "vae")
-  return VAEConfig.from_config(read_config(directory))
+  return VAEConfig.from_mapping(read_config(directory))
 
 
 def unet_params(path: str | os.PathLike, abstract: Any) -> dict[str, Any]:

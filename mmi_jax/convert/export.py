@@ -18,7 +18,7 @@ modules, the Q-Formers (`perceiver_resampler`, the visual tokenizer's), `soi_tok
 `context_feat_proj` and `neg_prompt_embeds`. The exported models therefore compute what
 MM-Interleaved computes without images: text-only LLM, the UNet without MMFS residuals.
 
-Names and layouts are the inverse of the loaders' (`torch_names.torch_name` and
+Names and layouts are the inverse of the loaders' (`param_names.torch_name` and
 `to_torch_layout`, diffusers' `time_embedding.linear_1`), so `hf.load_llama`,
 `hf.load_clip_vision`, `diffusers.load_unet` and `diffusers.load_vae` read the directories back
 to the same arrays. Tensors are streamed one by one into safetensors shards
@@ -41,14 +41,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmi_jax.convert.checkpoint_files import write_checkpoint
-from mmi_jax.convert.diffusers import abstract_unet_params, abstract_vae_params, diffusers_key
+from mmi_jax.convert.diffusers import abstract_unet_params, abstract_vae_params
 from mmi_jax.convert.hf import TRUNK_MODULES
-from mmi_jax.convert.torch_names import check_same_tree, to_torch_layout, torch_name
+from mmi_jax.convert.torch_names import check_same_tree, to_torch_layout
 from mmi_jax.models.clip_vision import CLIPVisionTransformer
 from mmi_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from mmi_jax.models.text_head import TextHead
 from mmi_jax.models.unet import UNet2DConditionModel, UNetConfig
 from mmi_jax.models.vae import AutoencoderKL, VAEConfig
+from mmi_jax.param_names import diffusers_key, torch_name
 from mmi_jax.sharding import abstract_params
 
 CLIP_VISION_PREFIX = "vision_model."  # read by transformers 4 and 5 alike
@@ -196,7 +197,7 @@ def export_unet(params: Mapping[str, Any], model_config: Any, directory: str | o
 
   Args / Returns: as `export_llama`.
   """
-  config = UNetConfig.from_config(model_config["image_decoder"]["unet"])
+  config = UNetConfig.from_mapping(model_config.image_decoder.unet)
   flat = check_same_tree(_subtree(params, "image_decoder/decoder/unet"),
                   abstract_unet_params(UNet2DConditionModel(config)),
                   "image_decoder/decoder/unet", "config.model.image_decoder.unet")
@@ -217,7 +218,7 @@ def export_vae(params: Mapping[str, Any], model_config: Any, directory: str | os
 
   Args / Returns: as `export_llama`.
   """
-  config = VAEConfig.from_config(model_config["image_decoder"]["vae"])
+  config = VAEConfig.from_mapping(model_config.image_decoder.vae)
   flat = check_same_tree(_subtree(params, "image_decoder/decoder/vae"),
                   abstract_vae_params(AutoencoderKL(config)),
                   "image_decoder/decoder/vae", "config.model.image_decoder.vae")
@@ -250,10 +251,10 @@ def export_clip_vision(params: Mapping[str, Any], model_config: Any,
   """
   import transformers  # noqa: PLC0415
 
-  vision = model_config["vision_encoder"]
-  size, channels = vision["image_size"], vision.get("num_channels", 3)
+  vision = model_config.vision_encoder
+  size, channels = vision.image_size, vision.get("num_channels", 3)
   trunk = {name: _subtree(params, f"visual_tokenizer/encoder/{name}") for name in TRUNK_MODULES}
-  abstract = abstract_params(CLIPVisionTransformer.from_config(vision),
+  abstract = abstract_params(CLIPVisionTransformer.from_config(model_config),
                              jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32))
   flat = check_same_tree(trunk, abstract, "visual_tokenizer/encoder/{" + ", ".join(TRUNK_MODULES) + "}",
                   "config.model.vision_encoder")

@@ -1,14 +1,9 @@
 """The released MM-Interleaved PyTorch checkpoint <-> mmi_jax params, both ways.
 
-The release's state dict uses the PyTorch module names that mmi_jax mirrors, so keys follow
-the rule in `torch_names` (`layers_3/kernel` <-> `layers.3.weight`, kernels transposed), with
-these exceptions, all in `release_name` / `to_release_layout`:
-
-  * the vision encoder sits in Hugging Face's model wrapper:
-    `visual_tokenizer.encoder.vision_model.` (mmi_jax: `visual_tokenizer/encoder/`);
-  * MMFS's relative-image-position table is an `nn.Embedding` (`query_relpos.weight`) and its
-    `ignore_token` is stored `[1, 1, 1, D]`;
-  * diffusers spells `time_embedding.linear_1` with a literal underscore.
+The release's state dict uses the PyTorch module names that mmi_jax mirrors: keys are
+`mmi_jax.param_names.release_name` of each param path (`layers_3/kernel` <->
+`layers.3.weight`, with the release's exceptions), layouts torch's (kernels transposed), and
+MMFS's `ignore_token` is stored `[1, 1, 1, D]` (`to_release_layout`).
 
 The release also stores three buffers that mmi_jax recomputes: CLIP's mean and std
 (`visual_tokenizer.clip_mean`/`clip_std`, `[1, 3, 1, 1]`) and the CLIP position ids. `load`
@@ -19,7 +14,8 @@ skips them knowingly; `save` writes them from the config.
   `ConversionError` lists every missing key, unexpected key and shape mismatch.
 * `save(params, model_config, directory)`: the release's names and shapes, as safetensors
   (sharded with an index json above `max_shard_bytes`).
-* `expected_shapes(model_config) -> {name: shape}`: what `save` writes, computed abstractly.
+* `expected_shapes(model_config) -> {name: shape}`: what `save` writes, computed abstractly;
+  `param_shapes(model_config)`: the whole model's params as shape structs.
 
 Both directions stream tensor by tensor (`checkpoint_files`), so converting the 13B model needs
 about the model's size in memory, not twice that.
@@ -36,45 +32,25 @@ from typing import Any, Iterator, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import traverse_util
 
 from mmi_jax import sharding
+from mmi_jax.batch import example_batch
 from mmi_jax.convert import checkpoint_files
-from mmi_jax.convert.diffusers import diffusers_key
 from mmi_jax.convert.torch_names import (check_same_tree, from_torch_layout,
-                                         params_from_state_dict, to_torch_layout, torch_name)
+                                         params_from_state_dict, to_torch_layout)
+from mmi_jax.models.mm_interleaved import MMInterleaved
+from mmi_jax.param_names import release_key, release_key_of_rule, release_name
 
 VISUAL_TOKENIZER_PREFIX = "visual_tokenizer."
-# (mmi_jax rule's key prefix, release key prefix)
-VISUAL_TOKENIZER_RENAMES = (
-    ("visual_tokenizer.encoder.", "visual_tokenizer.encoder.vision_model."),
-)
 CLIP_MEAN, CLIP_STD = "visual_tokenizer.clip_mean", "visual_tokenizer.clip_std"
 POSITION_IDS = "visual_tokenizer.encoder.vision_model.embeddings.position_ids"
 BUFFER_PATTERNS = (
     r"^visual_tokenizer\.clip_(mean|std)$",
     r"^visual_tokenizer\.encoder\.vision_model\.embeddings\.position_ids$",
 )
-
-
-def release_key(key: str, renames=VISUAL_TOKENIZER_RENAMES) -> str:
-  """The release's key for a key built by the `torch_names` rule (the wrapper prefix)."""
-  for ours, theirs in renames:
-    if key.startswith(ours):
-      return theirs + key[len(ours):]
-  return key
-
-
-def release_key_of_rule(key: str) -> str:
-  """The release's key for the whole model's key built by the `torch_names` rule."""
-  key = release_key(diffusers_key(key))
-  return key + ".weight" if key.split(".")[-1] == "query_relpos" else key
-
-
-def release_name(path: Sequence[str]) -> str:
-  """The release's state-dict key of the param at `path` of the whole model's params."""
-  return release_key_of_rule(torch_name(path))
 
 
 def to_release_layout(path: Sequence[str], array: np.ndarray) -> np.ndarray:
@@ -107,42 +83,31 @@ def buffers(model_config: Mapping[str, Any]) -> dict[str, np.ndarray]:
   }
 
 
-def build_model(model_config: Mapping[str, Any], **attributes):
-  """The `MMInterleaved` a release checkpoint of this config fills."""
-  from mmi_jax.models.mm_interleaved import MMInterleaved  # noqa: PLC0415 (heavy import)
-
-  return MMInterleaved.from_config(model_config, **attributes)
-
-
-def abstract_params(model_config: Mapping[str, Any], param_dtype: Any = None) -> Any:
+def param_shapes(model_config: Mapping[str, Any], param_dtype: Any = None) -> Any:
   """The whole model's params as boxed shape structs (nothing allocated; cached per config)."""
   param_dtype = jnp.dtype(param_dtype or model_config.get("param_dtype", "float32"))
   as_json = (model_config.to_json_best_effort(sort_keys=True)
              if hasattr(model_config, "to_json_best_effort") else None)
   if as_json is None:
-    return _abstract_params(model_config, param_dtype)
-  return _cached_abstract_params(as_json, param_dtype.name)
+    return _param_shapes(model_config, param_dtype)
+  return _cached_param_shapes(as_json, param_dtype.name)
 
 
-def _abstract_params(model_config, param_dtype):
-  from mmi_jax.models.mm_interleaved import example_batch  # noqa: PLC0415
-
-  model = build_model(model_config, param_dtype=param_dtype)
+def _param_shapes(model_config, param_dtype):
+  model = MMInterleaved.from_config(model_config, param_dtype=param_dtype)
   return sharding.abstract_params(model, example_batch(model_config))
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_abstract_params(config_json: str, param_dtype: str):
-  import ml_collections  # noqa: PLC0415
-
+def _cached_param_shapes(config_json: str, param_dtype: str):
   config = ml_collections.ConfigDict(json.loads(config_json))
-  return _abstract_params(config, jnp.dtype(param_dtype))
+  return _param_shapes(config, jnp.dtype(param_dtype))
 
 
 def expected_shapes(model_config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
   """`{release key: shape}` of everything `save` writes for this config (params and buffers),
   computed with `jax.eval_shape`."""
-  flat = traverse_util.flatten_dict(nn.meta.unbox(abstract_params(model_config)))
+  flat = traverse_util.flatten_dict(nn.meta.unbox(param_shapes(model_config)))
   shapes = {release_name(path): release_shape(path, leaf.shape) for path, leaf in flat.items()}
   shapes.update({key: value.shape for key, value in buffers(model_config).items()})
   return shapes
@@ -185,7 +150,7 @@ def load(path: str | os.PathLike, model_config: Mapping[str, Any], *, dtype: Any
     ConversionError: listing every missing key, unexpected key and shape mismatch.
     checkpoint_files.CheckpointFileError: the file cannot be read (truncated, corrupt).
   """
-  abstract = abstract_params(model_config, dtype)
+  abstract = param_shapes(model_config, dtype)
   tensors = checkpoint_files.open_checkpoint(path)
   count = len(traverse_util.flatten_dict(nn.meta.unbox(abstract)))
   with _progress_bar(count, f"reading {pathlib.Path(path).name}", progress) as bar:
@@ -207,7 +172,7 @@ def state_dict_items(params: Any, model_config: Mapping[str, Any], *, dtype: Any
   """
   flat = traverse_util.flatten_dict(nn.meta.unbox(params))
   if check:
-    check_same_tree(params, abstract_params(model_config), "to save", "this config")
+    check_same_tree(params, param_shapes(model_config), "to save", "this config")
   for path, leaf in flat.items():
     array = np.asarray(jax.device_get(leaf))
     if dtype is not None and jnp.issubdtype(array.dtype, jnp.floating):
@@ -244,7 +209,6 @@ def visual_tokenizer_params(abstract: Any, tensors: Mapping[str, Any], *,
                                 ignore=BUFFER_PATTERNS, rename=release_key, source=source)
 
 
-__all__ = ["BUFFER_PATTERNS", "abstract_params", "buffers", "build_model", "expected_shapes",
-           "from_release_layout", "load", "release_key", "release_key_of_rule", "release_name",
-           "release_shape", "save", "state_dict_items", "to_release_layout",
+__all__ = ["BUFFER_PATTERNS", "buffers", "expected_shapes", "from_release_layout", "load",
+           "param_shapes", "release_shape", "save", "state_dict_items", "to_release_layout",
            "visual_tokenizer_params"]

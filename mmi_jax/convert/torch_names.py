@@ -1,12 +1,8 @@
-"""The one naming rule between mmi_jax params and PyTorch state dicts, and the tensor layouts.
+"""Flax params <-> PyTorch state dicts: the tensor layouts, and filling params by name.
 
-mmi_jax modules are named after the PyTorch modules they mirror, so a param path maps to a
-state-dict key by rule, not by table:
+Keys follow the naming rule of `mmi_jax.param_names.torch_name`; layouts differ only for
+kernels:
 
-  * a module named `name_N` (a list entry in Flax) is `name.N` in torch
-    (`encoder/layers_3/...` <-> `encoder.layers.3....`);
-  * leaves `kernel` (Linear, Conv), `scale` (LayerNorm) and `embedding` (Embed) are torch's
-    `weight`; `bias` is `bias`; any other leaf is a bare `nn.Parameter` of the same name;
   * a 2-D kernel is transposed (`[in, out]` <-> `weight [out, in]`); a 4-D kernel is Flax's
     `[kh, kw, in, out]` <-> torch's `[out, in, kh, kw]` (`transpose(2, 3, 1, 0)`), which also
     holds for transposed convolutions built with `transpose_kernel=True`.
@@ -24,20 +20,7 @@ import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
-_LIST_ENTRY = re.compile(r"^(.+)_(\d+)$")
-_WEIGHT_LEAVES = ("kernel", "scale", "embedding")
-
-
-def torch_name(path: Sequence[str], prefix: str = "") -> str:
-  """The state-dict key of the param at Flax `path` (a tuple of names), after `prefix`."""
-  *modules, leaf = path
-  parts = []
-  for module in modules:
-    match = _LIST_ENTRY.match(module)
-    parts.extend(match.groups() if match else (module,))
-  parts.append("weight" if leaf in _WEIGHT_LEAVES else leaf)
-  return prefix + ".".join(parts)
-
+from mmi_jax.param_names import torch_name
 
 def from_torch_layout(path: Sequence[str], tensor: np.ndarray) -> np.ndarray:
   """A torch tensor rearranged into the layout of the Flax param at `path`."""

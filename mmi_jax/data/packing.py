@@ -1,4 +1,4 @@
-"""Documents -> token ids -> a static-shape `mmi_jax.batch.Batch` (SPEC 2).
+"""Documents -> token ids -> a static-shape `mmi_jax.models.batch.Batch` (SPEC 2).
 
 A document's ids are `<s>`, its words, each image as soi + `tokens_per_image` `<|image|>` ids
 at its place, and `</s>`. `pack_rows` puts whole documents into rows of `sequence_length`
@@ -16,6 +16,7 @@ import numpy as np
 from mmi_jax import batch as batch_lib
 from mmi_jax.data import shapes
 from mmi_jax.data.tokenizer import ShapesTokenizer
+from mmi_jax.models.batch import Batch
 from mmi_jax.models.multimodal_inputs import TokenIds
 
 # Why `pack_rows` skips a document.
@@ -44,7 +45,7 @@ def document_tokens(document: shapes.Document, tokenizer: ShapesTokenizer, token
 def pack_rows(documents: Sequence[shapes.Document], *, rows: int, sequence_length: int,
               images_per_row: int, model_config: Any, tokenizer: ShapesTokenizer,
               documents_per_row: int | None = None
-              ) -> tuple[batch_lib.Batch, dict[str, Any]]:
+              ) -> tuple[Batch, dict[str, Any]]:
   """Packs documents, in order, into a NumPy `Batch` of `rows` rows; checks it with `validate`.
 
   Args:
@@ -68,7 +69,7 @@ def pack_rows(documents: Sequence[shapes.Document], *, rows: int, sequence_lengt
     fields None) and a dict: `documents` (given), `packed`, `skipped`, `reasons`
     (`SKIP_REASONS` -> count), `tokens` (real tokens) and `images` (valid slots).
   """
-  tokens = TokenIds.from_config(model_config.tokens)
+  tokens = TokenIds.from_config(model_config)
   tokenizer.check_compatible(model_config.tokens)
   if documents_per_row is not None and len(documents) > rows * documents_per_row:
     raise ValueError(f"{len(documents)} documents for {rows} rows of {documents_per_row}")
@@ -125,7 +126,7 @@ def pack_rows(documents: Sequence[shapes.Document], *, rows: int, sequence_lengt
       if decoder_images is not None:
         decoder_images[slot] = shapes.render(scene, decoder.image_size) / np.float32(255)
 
-  batch = batch_lib.Batch(text_ids=text_ids, attention_mask=attention_mask, images=images,
+  batch = Batch(text_ids=text_ids, attention_mask=attention_mask, images=images,
                           image_sequence_ids=image_sequence_ids, image_valid=image_valid,
                           decoder_images=decoder_images)
   batch_lib.validate(batch, model_config, max_images_per_sequence=images_per_row)

@@ -3,7 +3,7 @@
 Element `step` of `make_dataset(config, split, process_index=p, process_count=P)` is the pair
 `(batch, stats)`:
 
-  * `batch`: process p's share of the step's global batch, an `mmi_jax.batch.Batch` of NumPy
+  * `batch`: process p's share of the step's global batch, an `mmi_jax.models.batch.Batch` of NumPy
     arrays with `R = config.data.batch_size // P` rows of `config.data.sequence_length` tokens
     and `R * image_slots_per_row(config.data)` image slots (`packing.pack_rows`). Its
     `image_sequence_ids` are *global* row indices (p * R + local row), so concatenating the
@@ -54,8 +54,8 @@ def document_layout(data_config: Any) -> dict[str, Any]:
 
 def training_scene_batches(config: Any, batch_size: int, *, seed_offset: int = 0
                            ) -> Iterator[list[shapes.Scene]]:
-  """Endless batches of `batch_size` training pictures (for `mmi_jax.train.vae_fit`,
-  `vision_fit` and `decoder_fit`): each from the next documents, in order, whole but for the last one's
+  """Endless batches of `batch_size` training pictures (for `mmi_jax.demo.vae_fit`,
+  `vision_fit` and `decoder_fit`): each from the next documents, in order, whole but for the
   pictures past `batch_size`, which are dropped."""
   layout = document_layout(config.data)
   index = 0

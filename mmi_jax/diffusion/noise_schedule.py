@@ -165,7 +165,7 @@ class NoiseSchedule:
                          f"num_train_timesteps is {self.num_train_timesteps}")
 
   @classmethod
-  def from_config(cls, section: Any) -> NoiseSchedule:
+  def from_mapping(cls, section: Any) -> NoiseSchedule:
     """From a config section (a dict or ConfigDict) with this class's field names.
 
     `num_train_timesteps, beta_schedule, beta_start, beta_end, prediction_type` are required,

@@ -23,6 +23,7 @@ from mmi_jax import sharding
 from mmi_jax.models.conv import Conv2d
 from mmi_jax.models.linear import Linear
 from mmi_jax.models.norms import LayerNorm
+from mmi_jax.models.remat import remat_layer
 from mmi_jax.ops.resize import resize
 
 
@@ -36,15 +37,6 @@ ACTIVATIONS: Mapping[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
 }
-
-
-def remat_layer(layer_cls: type[nn.Module], policy: str | None) -> type[nn.Module]:
-  """`layer_cls` rematerialized with `jax.checkpoint_policies.<policy>`; None: unchanged."""
-  if policy is None:
-    return layer_cls
-  if not hasattr(jax.checkpoint_policies, policy):
-    raise ValueError(f"unknown remat policy {policy!r}; use a name in jax.checkpoint_policies")
-  return nn.remat(layer_cls, policy=getattr(jax.checkpoint_policies, policy))
 
 
 def resize_position_table(table: jax.Array, grid: tuple[int, int],
@@ -248,12 +240,13 @@ class CLIPVisionTransformer(nn.Module):
   precision: Any = None
 
   @classmethod
-  def from_config(cls, config: Mapping[str, Any], **attributes) -> "CLIPVisionTransformer":
-    """Builds the ViT from a `vision_encoder` config section (`configs/mmi_13b.py`)."""
-    return cls(image_size=config["image_size"], patch_size=config["patch_size"],
-               hidden_size=config["hidden_size"], num_layers=config["num_layers"],
-               num_heads=config["num_heads"], mlp_dim=config["mlp_dim"],
-               activation=config["activation"], layer_norm_eps=config["layer_norm_eps"],
+  def from_config(cls, model_config: Any, **attributes) -> "CLIPVisionTransformer":
+    """Builds the ViT from a model config (`config.model`): its `vision_encoder` section."""
+    vision = model_config.vision_encoder
+    return cls(image_size=vision.image_size, patch_size=vision.patch_size,
+               hidden_size=vision.hidden_size, num_layers=vision.num_layers,
+               num_heads=vision.num_heads, mlp_dim=vision.mlp_dim,
+               activation=vision.activation, layer_norm_eps=vision.layer_norm_eps,
                **attributes)
 
   def setup(self):

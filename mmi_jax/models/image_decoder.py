@@ -31,7 +31,7 @@ net's `pos_embed` and `ignore_token` (`FROZEN_PATTERNS`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -72,18 +72,18 @@ class ImageDecoderConfig:
   noise_schedule: NoiseSchedule
 
   @classmethod
-  def from_config(cls, model_config: Mapping[str, Any]) -> "ImageDecoderConfig":
+  def from_config(cls, model_config: Any) -> "ImageDecoderConfig":
     """From a model config (`config.model`): its `image_decoder` section, and the vision
     encoder's width as the MMFS features' width."""
-    section = model_config["image_decoder"]
+    section = model_config.image_decoder
     config = cls(
-        image_size=section["image_size"], uncond_prob=float(section["uncond_prob"]),
-        qformer=QFormerConfig.from_config(section["qformer"]),
-        unet=UNetConfig.from_config(section["unet"]),
-        vae=VAEConfig.from_config(section["vae"]),
-        mmfs=MMFSNetConfig.from_config(
-            section["mmfs"], feature_dim=model_config["vision_encoder"]["hidden_size"]),
-        noise_schedule=NoiseSchedule.from_config(section["noise_schedule"]))
+        image_size=section.image_size, uncond_prob=float(section.uncond_prob),
+        qformer=QFormerConfig.from_mapping(section.qformer),
+        unet=UNetConfig.from_mapping(section.unet),
+        vae=VAEConfig.from_mapping(section.vae),
+        mmfs=MMFSNetConfig.from_mapping(
+            section.mmfs, feature_dim=model_config.vision_encoder.hidden_size),
+        noise_schedule=NoiseSchedule.from_mapping(section.noise_schedule))
     config.validate()
     return config
 
@@ -181,6 +181,11 @@ class ImageDecoder(nn.Module):
   precision: Any = None
   attention_implementation: str | None = None
   remat_policy: str | None = None
+
+  @classmethod
+  def from_config(cls, model_config: Any, **attributes) -> "ImageDecoder":
+    """From a model config (`config.model`; `ImageDecoderConfig.from_config`)."""
+    return cls(ImageDecoderConfig.from_config(model_config), **attributes)
 
   def setup(self):
     config = self.config

@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 
 from mmi_jax import sharding
-from mmi_jax.models.clip_vision import remat_layer
 from mmi_jax.models.linear import Linear
 from mmi_jax.models.mmfs import MMFS
 from mmi_jax.models.norms import RMSNorm
+from mmi_jax.models.remat import remat_layer
 
 ACTIVATIONS = {"silu": jax.nn.silu}
 

@@ -15,7 +15,7 @@ Mirrors `mm_interleaved/models/mm_interleaved.py::MMInterleaved.forward`:
      of the same sequence* when that image lies within the context (`previous_image`);
   6. loss = text_weight * loss_txt + image_weight * loss_img.
 
-Everything data-dependent is a fixed-size array op over the static batch (`mmi_jax.batch`).
+Everything data-dependent is a fixed-size array op over the static batch (`mmi_jax.models.batch`).
 
 Param names are the release's top-level modules: `visual_tokenizer`, `mm_decoder`,
 `text_decoder`, `soi_token` (the three of `MultimodalLM`, which shares this module's scope),
@@ -30,7 +30,7 @@ none: `Batch.context_starts`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -38,11 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmi_jax.batch import Batch
-from mmi_jax.models import multimodal_inputs as mm_inputs
 from mmi_jax.models import image_decoder as image_decoder_lib
+from mmi_jax.models import multimodal_inputs as mm_inputs
 from mmi_jax.models import visual_tokenizer as visual_tokenizer_lib
-from mmi_jax.models.image_decoder import ImageDecoder, ImageDecoderConfig
+from mmi_jax.models.batch import Batch
+from mmi_jax.models.image_decoder import ImageDecoder
 from mmi_jax.models.linear import Linear
 from mmi_jax.models.multimodal_lm import MultimodalLM
 from mmi_jax.models.sincos import sincos_1d
@@ -91,16 +91,17 @@ class AssemblyConfig:
   image_weight: float = 10.0
 
   @classmethod
-  def from_config(cls, model_config: Mapping[str, Any]) -> "AssemblyConfig":
+  def from_config(cls, model_config: Any) -> "AssemblyConfig":
+    """From a model config (`config.model`)."""
     decoder = model_config.get("image_decoder")
     return cls(
-        tokens=mm_inputs.TokenIds.from_config(model_config["tokens"]),
-        llm_scale_sizes=tuple(model_config["llm"]["mmfs"]["scale_sizes"]),
-        decoder_scale_sizes=() if decoder is None else tuple(decoder["mmfs"]["scale_sizes"]),
-        max_context_length=0 if decoder is None else decoder["max_context_length"],
-        context_pos_length=0 if decoder is None else decoder["context_pos_length"],
-        text_weight=float(model_config["loss"]["text_weight"]),
-        image_weight=float(model_config["loss"]["image_weight"]))
+        tokens=mm_inputs.TokenIds.from_config(model_config),
+        llm_scale_sizes=tuple(model_config.llm.mmfs.scale_sizes),
+        decoder_scale_sizes=() if decoder is None else tuple(decoder.mmfs.scale_sizes),
+        max_context_length=0 if decoder is None else decoder.max_context_length,
+        context_pos_length=0 if decoder is None else decoder.context_pos_length,
+        text_weight=float(model_config.loss.text_weight),
+        image_weight=float(model_config.loss.image_weight))
 
 
 def select_maps(maps: tuple[jax.Array, ...], sizes: tuple[int, ...], consumer: str) -> jax.Array:
@@ -241,7 +242,7 @@ class MMInterleaved(nn.Module):
   precision: Any = None
 
   @classmethod
-  def from_config(cls, model_config: Mapping[str, Any], *, dtype: Any = None,
+  def from_config(cls, model_config: Any, *, dtype: Any = None,
                   param_dtype: Any = jnp.float32, precision: Any = None,
                   attention_implementation: str | None = None,
                   remat_policy: str | None = None, image_slots: int | None = None
@@ -253,7 +254,7 @@ class MMInterleaved(nn.Module):
     language = MultimodalLM.from_config(model_config, **shared, **runtime)
     decoder = None
     if model_config.get("image_decoder") is not None:
-      decoder = ImageDecoder(ImageDecoderConfig.from_config(model_config), **shared, **runtime)
+      decoder = ImageDecoder.from_config(model_config, **shared, **runtime)
     return cls(AssemblyConfig.from_config(model_config), visual_tokenizer, language, decoder,
                image_slots=image_slots, **shared)
 
@@ -321,22 +322,60 @@ class MMInterleaved(nn.Module):
     visual, language = self._read(batch, True)
     return self._decoder_inputs(batch, visual, language["hidden_states"])
 
-  def _read(self, batch: Batch, deterministic: bool) -> tuple[dict, dict]:
-    """Steps 1-2: the visual tokenizer on every image slot, then the LLM."""
-    assembly = self.assembly
-    num_sequences = batch.text_ids.shape[0]
-    sequence_ids = batch.image_sequence_ids.astype(jnp.int32)
-    image_valid = batch.image_valid.astype(bool)
-    slots = self.image_slots or batch.num_image_slots
-    visual = self.visual_tokenizer(batch.images, deterministic=deterministic)
+  def read_images(self, images: jax.Array, sequence_ids: jax.Array, image_valid: jax.Array,
+                  num_sequences: int, *, slots: int | None = None, deterministic: bool = True
+                  ) -> tuple[dict, jax.Array, jax.Array, jax.Array]:
+    """Step 1: the visual tokenizer on every image slot, arranged per sequence for the LLM.
+
+    Args:
+      images: `[N, Hv, Wv, 3]` in [0, 1]; sequence_ids `[N]`; image_valid `[N]`.
+      num_sequences: B, the rows the images belong to.
+      slots: image slots per sequence (None: `image_slots`, else N).
+    Returns:
+      `(visual, image_embeds [B, slots, T, D], llm_features [B, slots, S, E],
+      slot_mask [B, slots])`: the tokenizer's outputs per image slot and, per sequence, the
+      LLM's image tokens and the maps its MMFS samples (`MultimodalLM`'s image inputs).
+    """
+    sequence_ids = sequence_ids.astype(jnp.int32)
+    image_valid = image_valid.astype(bool)
+    slots = slots or self.image_slots or images.shape[0]
+    visual = self.visual_tokenizer(images, deterministic=deterministic)
     image_embeds, slot_mask = mm_inputs.images_per_sequence(
         visual["vis_embed"], sequence_ids, image_valid, num_sequences, slots)
     llm_features, _ = mm_inputs.images_per_sequence(
-        select_maps(visual["multiscale_features"], assembly.llm_scale_sizes, "the LLM's MMFS"),
-        sequence_ids, image_valid, num_sequences, slots)
+        select_maps(visual["multiscale_features"], self.assembly.llm_scale_sizes,
+                    "the LLM's MMFS"), sequence_ids, image_valid, num_sequences, slots)
+    return visual, image_embeds, llm_features, slot_mask
+
+  def _read(self, batch: Batch, deterministic: bool) -> tuple[dict, dict]:
+    """Steps 1-2: the visual tokenizer on every image slot, then the LLM."""
+    visual, image_embeds, llm_features, slot_mask = self.read_images(
+        batch.images, batch.image_sequence_ids, batch.image_valid, batch.text_ids.shape[0],
+        deterministic=deterministic)
     language = self.language(batch.text_ids, batch.attention_mask, image_embeds, llm_features,
                              slot_mask)
     return visual, language
+
+  def decoder_contexts(self, hidden_states: jax.Array, sequence_ids: jax.Array,
+                       soi_positions: jax.Array, context_starts: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
+    """Step 4: each image's context for the image decoder, from the LLM's last hidden states:
+    the states from its soi back to its context start (soi first, `image_contexts`), through
+    `context_feat_proj`, plus the 1-D sin-cos table.
+
+    Args:
+      hidden_states: `[B, L, D]`; sequence_ids, soi_positions, context_starts: `[N]`.
+    Returns:
+      `(context [N, max_context_length, D], mask [N, max_context_length])`.
+    """
+    assembly = self.assembly
+    if assembly.max_context_length > assembly.context_pos_length:
+      raise ValueError(f"max_context_length {assembly.max_context_length} exceeds the "
+                       f"{assembly.context_pos_length} rows of the context position table")
+    context, context_mask = image_contexts(hidden_states, sequence_ids, soi_positions,
+                                           context_starts, assembly.max_context_length)
+    table = sincos_1d(context.shape[-1], np.arange(assembly.max_context_length))
+    return self.context_feat_proj(context) + jnp.asarray(table, context.dtype), context_mask
 
   def _decoder_inputs(self, batch: Batch, visual: dict, hidden_states: jax.Array
                       ) -> dict[str, jax.Array]:
@@ -356,13 +395,8 @@ class MMInterleaved(nn.Module):
       context_starts = jnp.maximum(nearest_bos[rows, jnp.maximum(soi_positions, 0)], 0)
     else:
       context_starts = batch.context_starts.astype(jnp.int32)
-    context, context_mask = image_contexts(hidden_states, sequence_ids, soi_positions,
-                                           context_starts, assembly.max_context_length)
-    if assembly.max_context_length > assembly.context_pos_length:
-      raise ValueError(f"max_context_length {assembly.max_context_length} exceeds the "
-                       f"{assembly.context_pos_length} rows of the context position table")
-    table = sincos_1d(context.shape[-1], np.arange(assembly.max_context_length))
-    context = self.context_feat_proj(context) + jnp.asarray(table, context.dtype)
+    context, context_mask = self.decoder_contexts(hidden_states, sequence_ids, soi_positions,
+                                                  context_starts)
     previous, visible = previous_image(sequence_ids, ranks, image_valid, soi_positions,
                                        context_starts)
     decoder_features = select_maps(visual["multiscale_features"], assembly.decoder_scale_sizes,
@@ -371,35 +405,18 @@ class MMInterleaved(nn.Module):
             "mmfs_features": decoder_features[previous][:, None], "mmfs_mask": visible[:, None]}
 
 
-def frozen_param_patterns(model_config: Mapping[str, Any]) -> tuple[str, ...]:
+def frozen_param_patterns(model_config: Any) -> tuple[str, ...]:
   """Path patterns ('/'-joined) of the params the release does not train (SPEC 9): the CLIP
   ViT trunk (when `vision_encoder.frozen`) and `pos_embed` of the visual tokenizer, the LLM
   except its MMFS layers, the text head's `head`, the VAE and the MMFS net's fixed tables."""
   vision = visual_tokenizer_lib.frozen_param_patterns(
-      freeze_vit=bool(model_config["vision_encoder"]["frozen"]))
+      freeze_vit=bool(model_config.vision_encoder.frozen))
   decoder = image_decoder_lib.FROZEN_PATTERNS
   return (tuple(r"^visual_tokenizer/" + pattern.lstrip("^") for pattern in vision)
           + (r"^mm_decoder/(?!layers_\d+/llama_cross_attn/)", r"^text_decoder/head/")
           + tuple(r"^image_decoder/" + pattern.lstrip("^") for pattern in decoder))
 
 
-def example_batch(model_config: Mapping[str, Any], *, batch_size: int = 1, length: int = 8,
-                  image_slots: int = 1) -> Batch:
-  """Shape-only inputs for `init` / `jax.eval_shape` (`jax.ShapeDtypeStruct` leaves)."""
-  size = model_config["vision_encoder"]["image_size"]
-  decoder = model_config.get("image_decoder")
-  struct = jax.ShapeDtypeStruct
-  decoder_images = None
-  if decoder is not None and decoder["image_size"] != size:
-    decoder_images = struct((image_slots, decoder["image_size"], decoder["image_size"], 3),
-                            jnp.float32)
-  return Batch(text_ids=struct((batch_size, length), jnp.int32),
-               attention_mask=struct((batch_size, length), jnp.int32),
-               images=struct((image_slots, size, size, 3), jnp.float32),
-               image_sequence_ids=struct((image_slots,), jnp.int32),
-               image_valid=struct((image_slots,), jnp.bool_), decoder_images=decoder_images)
-
-
 __all__ = ["AssemblyConfig", "DiffusionInputs", "IGNORE_INDEX", "MMInterleaved",
-           "example_batch", "frozen_param_patterns", "image_contexts",
+           "frozen_param_patterns", "image_contexts",
            "image_soi_positions", "previous_image", "select_maps", "text_loss", "text_targets"]

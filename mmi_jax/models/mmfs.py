@@ -30,7 +30,7 @@ Where the original code and SPEC section 6 differ, this follows the code:
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -127,26 +127,26 @@ class MMFS(nn.Module):
   offset_scale_sizes: Sequence[int] | None = None
 
   @classmethod
-  def from_config(cls, mmfs_config, *, attention_dim: int, output_dim: int,
-                  base_spatial_shape: int | None = None, **attributes) -> "MMFS":
+  def from_mapping(cls, section: Mapping[str, Any], *, attention_dim: int, output_dim: int,
+                   base_spatial_shape: int | None = None, **attributes) -> "MMFS":
     """Builds an MMFS from a config section such as `config.model.llm.mmfs`.
 
     Args:
-      mmfs_config: fields `num_heads`, `num_points`, `scale_sizes`, `offset_init_magnitude`,
+      section: fields `num_heads`, `num_points`, `scale_sizes`, `offset_init_magnitude`,
         `max_images` and (unless given here) `base_spatial_shape`.
       attention_dim, output_dim: widths set by the surrounding model.
       base_spatial_shape: overrides the config's (the UNet's blocks each have their own).
       **attributes: other module attributes (dtype, query_axis, name, ...).
     """
     if base_spatial_shape is None:
-      base_spatial_shape = mmfs_config.base_spatial_shape
+      base_spatial_shape = section["base_spatial_shape"]
     return cls(attention_dim=attention_dim, output_dim=output_dim,
-               scale_sizes=tuple(mmfs_config.scale_sizes),
-               base_spatial_shape=base_spatial_shape, num_heads=mmfs_config.num_heads,
-               num_points=mmfs_config.num_points,
-               offset_init_magnitude=float(mmfs_config.offset_init_magnitude),
-               max_images=mmfs_config.max_images,
-               kernel_init_std=mmfs_config.get("kernel_init_std"), **attributes)
+               scale_sizes=tuple(section["scale_sizes"]),
+               base_spatial_shape=base_spatial_shape, num_heads=section["num_heads"],
+               num_points=section["num_points"],
+               offset_init_magnitude=float(section["offset_init_magnitude"]),
+               max_images=section["max_images"],
+               kernel_init_std=section.get("kernel_init_std"), **attributes)
 
   def setup(self):
     query_dim = self.query_dim or self.output_dim

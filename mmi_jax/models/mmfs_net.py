@@ -26,10 +26,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmi_jax.models.clip_vision import remat_layer
 from mmi_jax.models.conv import Conv2d
 from mmi_jax.models.mmfs import MMFS
 from mmi_jax.models.norms import LayerNorm
+from mmi_jax.models.remat import remat_layer
 from mmi_jax.models.sd_blocks import CONV_AXES
 from mmi_jax.models.sincos import sincos_2d
 from mmi_jax.ops.resize import resize
@@ -69,7 +69,9 @@ class MMFSNetConfig:
   kernel_init_std: float | None = None
 
   @classmethod
-  def from_config(cls, section: Mapping[str, Any], **overrides) -> "MMFSNetConfig":
+  def from_mapping(cls, section: Mapping[str, Any], **overrides) -> "MMFSNetConfig":
+    """From a config section (`model.image_decoder.mmfs`) with this class's field names;
+    `overrides` set fields from outside it (`feature_dim`)."""
     names = {field.name for field in dataclasses.fields(cls)}
     values = dict({key: section[key] for key in section.keys()}, **overrides)
     unknown = set(values) - names

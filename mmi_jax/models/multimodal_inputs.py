@@ -45,8 +45,9 @@ class TokenIds:
   tokens_per_image: int = 64
 
   @classmethod
-  def from_config(cls, tokens: Any) -> "TokenIds":
-    """From `config.model.tokens`."""
+  def from_config(cls, model_config: Any) -> "TokenIds":
+    """From a model config (`config.model`): its `tokens` section."""
+    tokens = model_config.tokens
     return cls(bos=tokens.bos_id, eos=tokens.eos_id, pad=tokens.pad_id, soi=tokens.soi_id,
                image=tokens.image_id, tokens_per_image=tokens.tokens_per_image)
 

@@ -92,7 +92,7 @@ class MultimodalLM(nn.Module):
     """From an mmi_jax model config (`config.model`)."""
     tokens = model_config.tokens
     head = model_config.text_head
-    return cls(llm=LlamaConfig.from_config(model_config), tokens=TokenIds.from_config(tokens),
+    return cls(llm=LlamaConfig.from_config(model_config), tokens=TokenIds.from_config(model_config),
                text_head=TextHeadConfig(text_vocab_size=tokens.text_vocab_size,
                                         new_token_bias=head.new_token_bias,
                                         head_new_bias=head.head_new_bias), **attributes)

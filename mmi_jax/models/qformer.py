@@ -46,7 +46,9 @@ class QFormerConfig:
   init_std: float = 0.02
 
   @classmethod
-  def from_config(cls, section: Mapping[str, Any]) -> "QFormerConfig":
+  def from_mapping(cls, section: Mapping[str, Any]) -> "QFormerConfig":
+    """From a config section (`model.visual_tokenizer.qformer`, `model.image_decoder.qformer`)
+    with exactly this class's field names."""
     names = {field.name for field in dataclasses.fields(cls)}
     unknown = set(section.keys()) - names
     if unknown:

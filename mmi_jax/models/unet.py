@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 
 from mmi_jax import sharding
-from mmi_jax.models.clip_vision import remat_layer
 from mmi_jax.models.conv import Conv2d
 from mmi_jax.models.diffusers_config import config_from_mapping
 from mmi_jax.models.linear import Linear
 from mmi_jax.models.norms import GroupNorm, LayerNorm
+from mmi_jax.models.remat import remat_layer
 from mmi_jax.models.sd_blocks import CONV_AXES, MAP_AXES, Downsample2D, ResnetBlock2D, Upsample2D
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -92,7 +92,7 @@ class UNetConfig:
   IGNORED = ("addition_embed_type_num_heads",)  # used only with an addition embedding
 
   @classmethod
-  def from_config(cls, section: Mapping[str, Any]) -> "UNetConfig":
+  def from_mapping(cls, section: Mapping[str, Any]) -> "UNetConfig":
     """From a config section (`config.model.image_decoder.unet`) or a diffusers config dict.
 
     Keys of other UNet families raise `NotImplementedError` naming them; unknown keys raise

@@ -23,11 +23,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmi_jax.models.clip_vision import remat_layer
 from mmi_jax.models.conv import Conv2d
 from mmi_jax.models.diffusers_config import config_from_mapping
 from mmi_jax.models.linear import Linear
 from mmi_jax.models.norms import GroupNorm
+from mmi_jax.models.remat import remat_layer
 from mmi_jax.models.sd_blocks import CONV_AXES, Downsample2D, ResnetBlock2D, Upsample2D
 
 VAE_EPSILON = 1e-6  # every GroupNorm of diffusers' Encoder/Decoder
@@ -58,7 +58,7 @@ class VAEConfig:
   IGNORED = ("force_upcast",)  # a half-precision hint for diffusers pipelines
 
   @classmethod
-  def from_config(cls, section: Mapping[str, Any]) -> "VAEConfig":
+  def from_mapping(cls, section: Mapping[str, Any]) -> "VAEConfig":
     """From a config section (`config.model.image_decoder.vae`) or a diffusers config dict."""
     config = config_from_mapping(cls, section, fixed=cls.REQUIRED_DEFAULTS,
                                  ignored=cls.IGNORED,

@@ -21,7 +21,7 @@ release nests them in `encoder.vision_model.` (Hugging Face's model wrapper);
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -67,9 +67,9 @@ class VisualTokenizer(nn.Module):
   precision: Any = None
 
   @classmethod
-  def from_config(cls, model_config: Mapping[str, Any], *, output_dim: int | None = None,
+  def from_config(cls, model_config: Any, *, output_dim: int | None = None,
                   **attributes) -> "VisualTokenizer":
-    """Builds the tokenizer from a config's `model` section (`configs/mmi_13b.py`).
+    """Builds the tokenizer from a model config (`config.model`).
 
     `attributes` may set `dtype`, `param_dtype`, `precision` (shared with the encoder),
     and the encoder's `remat_policy` and `attention_implementation`.
@@ -78,16 +78,14 @@ class VisualTokenizer(nn.Module):
               if k in attributes}
     encoder_only = {k: attributes.pop(k) for k in ("remat_policy", "attention_implementation")
                     if k in attributes}
-    vision = model_config["vision_encoder"]
-    section = model_config["visual_tokenizer"]
-    encoder = CLIPViTAdapter.from_config(vision, model_config["vision_adapter"], **shared,
-                                         **encoder_only)
-    return cls(encoder=encoder, qformer=QFormerConfig.from_config(section["qformer"]),
-               output_dim=model_config["llm"]["hidden_size"] if output_dim is None
-               else output_dim,
-               pos_grid_size=section["pos_grid_size"], layer_norm_eps=section["layer_norm_eps"],
-               proj_init_std=section["proj_init_std"], pixel_mean=tuple(vision["pixel_mean"]),
-               pixel_std=tuple(vision["pixel_std"]), **shared, **attributes)
+    vision = model_config.vision_encoder
+    section = model_config.visual_tokenizer
+    encoder = CLIPViTAdapter.from_config(model_config, **shared, **encoder_only)
+    return cls(encoder=encoder, qformer=QFormerConfig.from_mapping(section.qformer),
+               output_dim=model_config.llm.hidden_size if output_dim is None else output_dim,
+               pos_grid_size=section.pos_grid_size, layer_norm_eps=section.layer_norm_eps,
+               proj_init_std=section.proj_init_std, pixel_mean=tuple(vision.pixel_mean),
+               pixel_std=tuple(vision.pixel_std), **shared, **attributes)
 
   @nn.compact
   def __call__(self, images: jax.Array, deterministic: bool = True) -> dict[str, Any]:

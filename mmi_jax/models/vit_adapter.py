@@ -25,7 +25,7 @@ ViT, so the state dict maps by the rule in `mmi_jax.convert.torch_names`.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -33,11 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmi_jax import sharding
-from mmi_jax.models.clip_vision import CLIPVisionTransformer, remat_layer
+from mmi_jax.models.clip_vision import CLIPVisionTransformer
 from mmi_jax.models.conv import Conv2d, ConvTranspose2d, DepthwiseConv2d
 from mmi_jax.models.deformable_attention import MultiScaleDeformableAttention
 from mmi_jax.models.linear import Linear
 from mmi_jax.models.norms import ChannelsFirstLayerNorm, LayerNorm
+from mmi_jax.models.remat import remat_layer
 from mmi_jax.ops.resize import resize
 
 SpatialShapes = tuple[tuple[int, int], ...]
@@ -303,23 +304,21 @@ class CLIPViTAdapter(CLIPVisionTransformer):
   prior_layer_norm_eps: float = 1e-6
 
   @classmethod
-  def from_config(cls, config: Mapping[str, Any],  # type: ignore[override]
-                  adapter: Mapping[str, Any] | None = None, **attributes) -> "CLIPViTAdapter":
-    """Builds the encoder from a model config's `vision_encoder` and `vision_adapter` sections
-    (`from_config(model_config.vision_encoder, model_config.vision_adapter)`)."""
-    if adapter is None:
-      raise ValueError("CLIPViTAdapter.from_config needs the vision_adapter section")
+  def from_config(cls, model_config: Any, **attributes) -> "CLIPViTAdapter":
+    """Builds the encoder from a model config (`config.model`): its `vision_encoder` and
+    `vision_adapter` sections."""
+    adapter = model_config.vision_adapter
     adapter_attributes = dict(
-        prior_image_size=adapter["prior_image_size"], conv_inplane=adapter["conv_inplane"],
-        adapter_num_heads=adapter["num_heads"], num_points=adapter["num_points"],
-        value_ratio=adapter["value_ratio"], ffn_ratio=adapter["ffn_ratio"],
-        gamma_init=adapter["gamma_init"],
+        prior_image_size=adapter.prior_image_size, conv_inplane=adapter.conv_inplane,
+        adapter_num_heads=adapter.num_heads, num_points=adapter.num_points,
+        value_ratio=adapter.value_ratio, ffn_ratio=adapter.ffn_ratio,
+        gamma_init=adapter.gamma_init,
         interaction_indexes=tuple(tuple(int(i) for i in r)
-                                  for r in adapter["interaction_indexes"]),
-        extra_extractors=adapter["extra_extractors"],
-        adapter_layer_norm_eps=adapter["layer_norm_eps"],
-        prior_layer_norm_eps=adapter["prior_layer_norm_eps"])
-    return super().from_config(config, **adapter_attributes, **attributes)
+                                  for r in adapter.interaction_indexes),
+        extra_extractors=adapter.extra_extractors,
+        adapter_layer_norm_eps=adapter.layer_norm_eps,
+        prior_layer_norm_eps=adapter.prior_layer_norm_eps)
+    return super().from_config(model_config, **adapter_attributes, **attributes)
 
   def setup(self):
     super().setup()

@@ -1,20 +1,22 @@
-"""The check that a config names only settings mmi_jax knows.
+"""The check that a config names only settings something reads.
 
-Every setting exists in `configs/mmi_13b.py` (the release), which is the schema: a config
-built from it and changed with `update` cannot gain a key by accident, but one written by hand
-or a typo in a config file (`config.train.learnig_rate = ...`) can, and would silently do
-nothing. `check_known_keys` refuses such a config at once, naming each unknown key and the
-closest known one. (Command-line overrides of unknown keys are refused by ml_collections.)
+The release's config (`configs/mmi_13b.py`) is the schema of every setting of the models, the
+data and the training core; each extension a config selects (`config.train.extensions`) adds
+the top-level section it owns (`Extension.section`, keys `Extension.settings()`). A config
+built from the release's and changed with `update` cannot gain a key by accident, but a typo
+in a config file (`config.train.learnig_rate = ...`) can, and would silently do nothing.
+`check_config_keys` refuses such a config at once, naming each unknown key and the closest
+known one, and each key an extension's section lacks. (Command-line overrides of unknown keys
+are refused by ml_collections.)
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib.util
-import pathlib
 from typing import Any
 
-REFERENCE_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "mmi_13b.py"
+from configs import mmi_13b
+from mmi_jax.train.extensions import extension_classes
 
 
 def flat_keys(config: Any, prefix: str = "") -> set[str]:
@@ -28,26 +30,34 @@ def flat_keys(config: Any, prefix: str = "") -> set[str]:
   return keys
 
 
-def reference_keys() -> set[str]:
-  spec = importlib.util.spec_from_file_location("mmi_13b_reference_config", REFERENCE_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  reference = flat_keys(module.get_config())
-  # A section may be None (a text-only model has no image decoder).
+def release_keys() -> set[str]:
+  """The release config's settings, and its sections (a section may be None: a text-only
+  model has no image decoder)."""
+  reference = flat_keys(mmi_13b.get_config())
   return reference | {key.rsplit(".", 1)[0] for key in reference if "." in key}
 
 
-def check_known_keys(config: Any) -> None:
-  """Raises ValueError listing every key of `config` that `configs/mmi_13b.py` lacks."""
-  known = reference_keys()
-  unknown = sorted(flat_keys(config) - known)
-  if unknown:
+def check_config_keys(config: Any) -> None:
+  """Raises ValueError listing every key of `config` that neither the release config nor a
+  selected extension's section declares, and every key such a section lacks."""
+  known = release_keys()
+  declared: set[str] = set()
+  for extension in extension_classes(config):
+    settings = extension.settings()
+    if extension.section is not None and settings is not None:
+      declared |= flat_keys(settings, f"{extension.section}.")
+  present = flat_keys(config)
+  unknown = sorted(present - known - declared)
+  missing = sorted(declared - present)
+  if unknown or missing:
     lines = []
     for key in unknown:
-      close = difflib.get_close_matches(key, known, n=1)
+      close = difflib.get_close_matches(key, known | declared, n=1)
       lines.append(f"{key}" + (f" (did you mean {close[0]}?)" if close else ""))
-    raise ValueError("config: unknown settings (every setting is defined in "
-                     "configs/mmi_13b.py):\n  " + "\n  ".join(lines))
+    lines += [f"{key} is missing (its extension reads it)" for key in missing]
+    raise ValueError("config: unknown or missing settings (configs/mmi_13b.py and the "
+                     "sections of config.train.extensions define them):\n  "
+                     + "\n  ".join(lines))
 
 
-__all__ = ["check_known_keys", "flat_keys", "reference_keys"]
+__all__ = ["check_config_keys", "flat_keys", "release_keys"]

@@ -1,224 +1,95 @@
-"""The training command's loop: data, state, steps, logs, checkpoints, evaluation.
+"""The training loop: data, state, steps, logs, checkpoints, and the extensions' work.
 
 `train_and_evaluate(config, workdir)`:
 
-  1. checks the config's keys and the fits' settings (before it writes anything); builds the
-     mesh (`config.mesh`), the model, the optimizer and the state's shardings (`TrainSetup`);
-  2. restores the latest checkpoint of `workdir` (state and data position; refused if it is
+  1. checks the config's keys and builds the extensions it selects
+     (`config.train.extensions`, `mmi_jax.train.extensions`), which check their settings,
+     before it writes anything; builds the mesh (`config.mesh`), the model, the optimizer and
+     the state's shardings (`TrainSetup`);
+  2. lowers the train step from shapes alone and compiles it in a background thread
+     (`background`), as the extensions do their programs (`compile_ahead`); meanwhile it
+     restores the latest checkpoint of `workdir` (state and data position; refused if it is
      of another model), or starts afresh: params initialised (or loaded from
-     `train.init_checkpoint`, a release checkpoint), the vision encoder fitted if
-     `train.vision_fit.steps`, the VAE if `train.vae_fit.steps`, the LLM if
-     `train.llm_fit.steps`, then the image decoder's Q-Former and UNet (and, reading the
-     LLM, `context_feat_proj`) if `train.decoder_fit.steps`; meanwhile a background thread
-     compiles the train step and the evaluation's programs, lowered from shapes alone
-     (`background`);
+     `train.init_checkpoint`, a release checkpoint), then `prepare_params` of each extension;
   3. runs `train.steps` optimizer steps, each on `gradient_accumulation_steps` batches of
-     this process's rows, assembled into global arrays
-     (`jax.make_array_from_process_local_data`) split over the batch axes;
+     this process's rows, assembled into global arrays split over the batch axes
+     (`batches.global_batch`);
   4. logs step, losses, learning rate, steps/s and examples/s every `train.log_every` steps
-     (stdout, `workdir/metrics.jsonl`, TensorBoard under `workdir/tensorboard`), saves
-     asynchronously every `train.checkpoint_every` steps, evaluates every `train.eval_every`
-     steps and at the end (`workdir/samples/*.png`, `workdir/results.json`); with
-     `train.decoder_fit_after_training.steps`, the image decoder is fitted through the
-     trained LLM after the last step, and that step is saved only then (a job stopped during
-     the fit resumes from the checkpoint before);
-  5. on SIGTERM (preemption) it finishes the current step, saves a checkpoint, waits for it
+     (`metrics_log`: stdout, `workdir/metrics.jsonl`, TensorBoard), saves asynchronously every
+     `train.checkpoint_every` steps, and every `train.eval_every` steps runs the extensions'
+     `evaluate`;
+  5. after the last step, runs `after_training` of each extension, then saves the last step
+     (a job stopped before that resumes from the checkpoint before), evaluates, and writes
+     `workdir/results.json`: the step, the evaluation and `skipped_documents` (documents the
+     data pipeline could not place in a row, `mmi_jax.data.packing`);
+  6. on SIGTERM (preemption) it finishes the current step, saves a checkpoint, waits for it
      and returns; running the same command again resumes exactly where it stopped.
+
+Random draws come from named streams of `config.seed` (`rng_streams`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from typing import Any, Callable
 
 import jax
 import numpy as np
-import tensorboardX
-from jax.experimental import multihost_utils
 
-from mmi_jax import batch as batch_lib
 from mmi_jax import sharding
 from mmi_jax.convert import release
 from mmi_jax.data import pipeline
-from mmi_jax.train import background, config_check, fit_schedule
+from mmi_jax.train import background, config_check
+from mmi_jax.train.batches import check_batch, global_batch
 from mmi_jax.train.checkpoints import Checkpoints
-from mmi_jax.train.evaluation import Evaluator
-from mmi_jax.train.optimizer import merge_params, split_params
-from mmi_jax.train.train_state import TrainSetup, TrainState, batch_shardings
+from mmi_jax.train.extensions import Run, extension_classes, rng_tables
+from mmi_jax.train.metrics_log import MetricsLog
+from mmi_jax.train.optimizer import merge_params
+from mmi_jax.train.preemption import Preemption
+from mmi_jax.train.rng_streams import CORE_STREAMS, RngStreams
+from mmi_jax.train.train_state import TrainSetup, TrainState
 from mmi_jax.train.train_step import lower_train_step
-from mmi_jax.train import decoder_fit
-from mmi_jax.train.decoder_fit import fit_decoder
-from mmi_jax.train.llm_fit import fit_llm
-from mmi_jax.train.vae_fit import fit_vae
-from mmi_jax.train.vision_fit import fit_vision_encoder
 
 
-class Preemption:
-  """Turns SIGTERM into a flag the loop checks after each step (all processes agree)."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self) -> "Preemption":
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    signal.signal(signal.SIGTERM, self._previous)
-
-  def _handle(self, signum, frame) -> None:
-    self.requested = True
-
-  def any_process(self) -> bool:
-    if jax.process_count() == 1:
-      return self.requested
-    return bool(np.max(multihost_utils.process_allgather(np.int32(self.requested))))
-
-
-def global_batch(local_batches: list[Any], mesh: jax.sharding.Mesh) -> Any:
-  """This process's batches (one per micro-batch) -> one global batch; with more than one,
-  the arrays get a leading micro-batch axis. Rows and image slots are split over the batch
-  axes; each process provides its own rows."""
-  if len(local_batches) == 1:
-    local, leading = local_batches[0], 0
-  else:
-    local, leading = jax.tree.map(lambda *xs: np.stack(xs), *local_batches), 1
-  processes = jax.process_count()
-
-  def global_shape(x):
-    shape = list(np.shape(x))
-    shape[leading] *= processes
-    return tuple(shape)
-
-  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(global_shape(x), np.asarray(x).dtype),
-                        local)
-  shardings = batch_shardings(shapes, mesh, leading)
-  return jax.tree.map(
-      lambda x, where, shape: jax.make_array_from_process_local_data(where, np.asarray(x),
-                                                                     shape.shape),
-      local, shardings, shapes)
-
-
-def check_batch(batch: Any, config: Any) -> None:
-  """Refuses a host batch that does not fit the model (`mmi_jax.batch.validate`: shapes,
-  image sizes, each row's soi / `<|image|>` layout against its images). A multi-process
-  batch's sequence ids are global rows, so there it checks the shapes only (the pipeline
-  validated each process's rows before making their ids global)."""
-  if jax.process_count() == 1:
-    batch_lib.validate(batch, config.model)
-  elif batch.text_ids.shape[1] != config.data.sequence_length:
-    raise ValueError(f"batch rows have {batch.text_ids.shape[1]} tokens, config.data."
-                     f"sequence_length is {config.data.sequence_length}")
-
-
-class _Logger:
-  """Log lines on process 0: stdout, `metrics.jsonl` and TensorBoard."""
-
-  def __init__(self, workdir: str, log: Callable[[str], None]):
-    self.enabled = jax.process_index() == 0
-    self.log = log if self.enabled else (lambda message: None)
-    self._jsonl = self._writer = None
-    if self.enabled:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
-      self._writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-  def scalars(self, step: int, values: dict[str, Any], prefix: str = "train") -> None:
-    if not self.enabled:
-      return
-    numbers = {key: float(value) for key, value in values.items()
-               if isinstance(value, (int, float, np.floating, np.integer))}
-    self._jsonl.write(json.dumps({"step": step, "split": prefix, **numbers}) + "\n")
-    self._jsonl.flush()
-    for key, value in numbers.items():
-      self._writer.add_scalar(f"{prefix}/{key}", value, step)
-    self._writer.flush()
-
-  def image(self, step: int, name: str, picture: np.ndarray) -> None:
-    if self.enabled:
-      self._writer.add_image(name, picture, step, dataformats="HWC")
-
-  def close(self) -> None:
-    if self.enabled:
-      self._jsonl.close()
-      self._writer.close()
-
-
-def initial_params(setup: TrainSetup, config: Any, rng: jax.Array,
-                   log: Callable[[str], None]) -> dict[str, Any]:
-  """Fresh params: initialised (or a release checkpoint's), the vision encoder, the VAE and
-  then the image decoder's Q-Former and UNet fitted if configured."""
-  train = config.train
-  if train.init_checkpoint:
-    log(f"loading {train.init_checkpoint}")
-    params = release.load(train.init_checkpoint, config.model,
+def initial_params(run: Run, extensions: list) -> dict[str, Any]:
+  """Fresh params, placed in their shards: initialised (or a release checkpoint's), then
+  each extension's `prepare_params`."""
+  config, setup = run.config, run.setup
+  if config.train.init_checkpoint:
+    run.logger.log(f"loading {config.train.init_checkpoint}")
+    params = release.load(config.train.init_checkpoint, config.model,
                           dtype=np.dtype(config.model.param_dtype))
   else:
-    params = setup.init_params(jax.random.fold_in(rng, 0))
-  if train.vision_fit.steps:
-    params = jax.device_get(params)
-    params["visual_tokenizer"], stats = fit_vision_encoder(
-        config, params["visual_tokenizer"], jax.random.fold_in(rng, 2), log=log)
-    log(f"vision encoder fitted: {stats}")
-  if train.vae_fit.steps and config.model.image_decoder is not None:
-    params = jax.device_get(params)
-    decoder = params["image_decoder"]["decoder"]
-    decoder["vae"], stats = fit_vae(config, decoder["vae"], jax.random.fold_in(rng, 1), log=log)
-    log(f"vae fitted: {stats}")
-  if train.llm_fit.steps:
-    params, stats = fit_llm(config, jax.device_get(params), jax.random.fold_in(rng, 4), log=log)
-    log(f"llm fitted: {stats}")
-  if train.decoder_fit.steps and config.model.image_decoder is not None:
-    params, stats = fit_decoder(config, jax.device_get(params), jax.random.fold_in(rng, 3),
-                                log=log)
-    log(f"image decoder fitted: {stats}")
+    params = setup.init_params(run.rngs.key("params"))
+  for extension in extensions:
+    params = extension.prepare_params(run, params)
   shardings = setup.state_shardings
   return jax.device_put(params, merge_params(shardings.params, shardings.frozen))
-
-
-def fit_decoder_after_training(setup: TrainSetup, config: Any, state: TrainState,
-                               rng: jax.Array, log: Callable[[str], None]) -> TrainState:
-  """`state` with the image decoder fitted through its trained, frozen LLM
-  (`train.decoder_fit_after_training`); the optimizer state is kept."""
-  params = jax.device_get(state.all_params())
-  fitted, stats = fit_decoder(config, params, rng, log=log,
-                              fit=decoder_fit.after_training_settings(config))
-  log(f"image decoder fitted after training: {stats}")
-  # Back in each param's own dtype (the fit works in float32) and placement.
-  fitted = jax.tree.map(lambda new, old: np.asarray(new, old.dtype), fitted, params)
-  trainable, frozen = split_params(fitted, setup.trainable_mask)
-  shardings = setup.state_shardings
-  return state.replace(params=jax.device_put(trainable, shardings.params),
-                       frozen=jax.device_put(frozen, shardings.frozen))
 
 
 def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] = print
                        ) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the final
   evaluation (or `{"preempted": step}` after a SIGTERM)."""
-  config_check.check_known_keys(config)
+  config_check.check_config_keys(config)
+  extensions = [extension(config) for extension in extension_classes(config)]
   train = config.train
-  fit_schedule.learning_rate_schedule(train.vae_fit, "train.vae_fit")
-  decoder_fit.check_settings(train.decoder_fit)
-  decoder_fit.check_settings(decoder_fit.after_training_settings(config),
-                             "train.decoder_fit_after_training")
-  os.makedirs(workdir, exist_ok=True)
   accumulation = int(train.gradient_accumulation_steps)
   if accumulation < 1:
     raise ValueError(f"train.gradient_accumulation_steps must be >= 1, got {accumulation}")
+  rngs = RngStreams(config.seed, ("the training core", CORE_STREAMS), *rng_tables(extensions))
+  os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
   process, processes = jax.process_index(), jax.process_count()
-  logger = _Logger(workdir, log)
+  logger = MetricsLog(workdir, log)
   logger.log(f"{config.name}: {processes} process(es), mesh {dict(mesh.shape)}, "
              f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
 
   train_data = pipeline.make_dataset(config, "train", process_index=process,
                                      process_count=processes)
-  example, _ = train_data[0]
-  example = global_batch([example], mesh)
+  example = global_batch([train_data[0][0]], mesh)
   setup = TrainSetup.create(config, mesh, example,
                             image_slots=pipeline.image_slots_per_row(config.data))
   iterator = iter(train_data)
@@ -226,33 +97,30 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
   latest = checkpoints.latest_step()
   if latest is not None:
     checkpoints.check_architecture(latest)
-  # The train step and the evaluation are lowered from shapes alone and compiled in the
-  # background while the params are initialised, fitted or restored (`background`).
-  worker = background.Worker()
+  run = Run(config=config, workdir=workdir, setup=setup, rngs=rngs,
+            worker=background.Worker(), logger=logger)
+  # Programs are lowered here from shapes alone and compiled in the background while the
+  # params are initialised, prepared or restored.
   leading = (accumulation,) if accumulation > 1 else ()
-  compiling = worker.submit(lower_train_step(setup, jax.tree.map(
+  compiling = run.worker.submit(lower_train_step(setup, jax.tree.map(
       lambda leaf: jax.ShapeDtypeStruct(leading + leaf.shape, leaf.dtype), example),
       accumulation).compile)
-  evaluator = Evaluator(config, setup.model, mesh)
-  evaluator.compile_ahead(setup.abstract_state().all_params(), worker)
-  key = jax.random.key(int(config.seed))
+  for extension in extensions:
+    extension.compile_ahead(run)
   if latest is not None:
     state = checkpoints.restore(setup, iterator, latest)
     logger.log(f"resumed from {checkpoints.directory} at step {int(state.step)}")
   else:
-    params = initial_params(setup, config, key, logger.log)
-    state = setup.state_from_params(params, jax.random.fold_in(key, 2))
+    state = setup.state_from_params(initial_params(run, extensions), rngs.key("train_steps"))
 
-  def evaluate(state) -> dict[str, Any]:
-    step = int(state.step)
-    results = evaluator(state.all_params(), jax.random.fold_in(key, 3 + step), step, workdir)
-    logger.scalars(step, results, "eval")
-    if "picture_grid" in results:
-      from PIL import Image  # noqa: PLC0415
-
-      logger.image(step, "eval/pictures", np.asarray(Image.open(results["picture_grid"])))
-    logger.log(f"eval at step {step}: " + ", ".join(
-        f"{k} {v:.3f}" for k, v in results.items() if isinstance(v, float)))
+  def evaluate(state: TrainState) -> dict[str, Any]:
+    step, params, results = int(state.step), state.all_params(), {}
+    for extension in extensions:
+      results.update(extension.evaluate(run, params, step))
+    if results:
+      logger.scalars(step, results, "eval")
+      logger.log(f"eval at step {step}: " + ", ".join(
+          f"{k} {v:.3f}" for k, v in results.items() if isinstance(v, float)))
     return results
 
   def next_batch():
@@ -266,11 +134,8 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
 
   step_fn = None  # the compiled train step, once the first batch needs it
   skipped_total = 0
-  results: dict[str, Any] = {}
   rows_per_step = config.data.batch_size * accumulation
-  # With a decoder fit after training, the last step is saved only once the fit is done.
-  fit_after = (bool(train.decoder_fit_after_training.steps)
-               and config.model.image_decoder is not None and int(state.step) < train.steps)
+  trains_here = int(state.step) < train.steps
   with Preemption() as preemption:
     window_start, window_steps = time.perf_counter(), 0
     while int(state.step) < train.steps:
@@ -295,8 +160,8 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
                    f"lr {metrics['learning_rate']:.2e} {metrics['steps_per_second']:.2f} "
                    f"steps/s {metrics['examples_per_second']:.1f} examples/s")
         window_start, window_steps = time.perf_counter(), 0
-      if fit_after and step == train.steps:
-        break
+      if step == train.steps:
+        break  # saved after the extensions' `after_training`
       checkpoints.save(state, iterator)
       if preemption.any_process():
         checkpoints.save_final(state, iterator)
@@ -304,11 +169,11 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
         logger.log(f"SIGTERM: saved step {step} to {checkpoints.directory}; rerun to resume")
         logger.close()
         return {"preempted": step}
-      if train.eval_every and step % train.eval_every == 0 and step < train.steps:
+      if train.eval_every and step % train.eval_every == 0:
         evaluate(state)
-    if fit_after:
-      state = fit_decoder_after_training(setup, config, state, jax.random.fold_in(key, 5),
-                                         logger.log)
+    if trains_here:
+      for extension in extensions:
+        state = extension.after_training(run, state)
     checkpoints.save_final(state, iterator)
     results = evaluate(state)
   checkpoints.close()
@@ -320,4 +185,4 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
   return results
 
 
-__all__ = ["Preemption", "check_batch", "global_batch", "initial_params", "train_and_evaluate"]
+__all__ = ["initial_params", "train_and_evaluate"]

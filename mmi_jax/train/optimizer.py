@@ -7,7 +7,7 @@ HF Trainer 4.31, `mm_pretrain.yaml`, DeepSpeed ZeRO-1 with `gradient_clipping: a
     with `config.train.unfreeze` / `freeze` applied); the train step differentiates only
     w.r.t. them (`split_params` / `merge_params`), so frozen params have no optimizer state;
   * groups (`param_groups`): the first `config.train.param_groups` pattern that is a substring
-    of the param's release state-dict name (`convert.release.release_name`) picks the group's
+    of the param's release state-dict name (`mmi_jax.param_names.release_name`) picks the group's
     learning rate and weight decay (None: the default); unmatched params use the defaults;
   * inside every group, biases (names containing "bias") and params of modules that mirror
     `torch.nn.LayerNorm` get no weight decay (HF Trainer's `get_parameter_names(model,
@@ -42,8 +42,10 @@ import optax
 from flax import traverse_util
 
 from mmi_jax import trainable as trainable_lib
-from mmi_jax.convert.release import release_name
+from mmi_jax.batch import example_batch
+from mmi_jax.models.mm_interleaved import MMInterleaved, frozen_param_patterns
 from mmi_jax.models.norms import ChannelsFirstLayerNorm
+from mmi_jax.param_names import release_name
 
 DEFAULT_GROUP = "default"  # label of the params no `param_groups` pattern matches
 Path = tuple[str, ...]
@@ -67,10 +69,8 @@ def trainable_mask(params: Any, config: Mapping[str, Any]) -> dict[str, Any]:
   SPEC 9), plus the paths a `config.train.unfreeze` regex matches, minus those a
   `config.train.freeze` regex matches (both over '/'-joined paths of `params`: plain, boxed or
   abstract). A regex that matches no path raises ValueError."""
-  from mmi_jax.models.mm_interleaved import frozen_param_patterns  # noqa: PLC0415 (heavy)
-
   train = config["train"]
-  release = _flat(trainable_lib.trainable_mask(params, frozen_param_patterns(config["model"])))
+  release = _flat(trainable_lib.unfrozen_mask(params, frozen_param_patterns(config["model"])))
   paths = ["/".join(path) for path in release]
   unfreeze = _compile_all(train.get("unfreeze", ()), paths, "unfreeze")
   freeze = _compile_all(train.get("freeze", ()), paths, "freeze")
@@ -156,10 +156,7 @@ def weight_decay_mask(model: nn.Module, *init_args, name: Callable[[Path], str] 
 def release_weight_decay_mask(model_config: Mapping[str, Any]) -> dict[str, Any]:
   """`weight_decay_mask` of the whole `MMInterleaved` of `model_config` (traced abstractly on
   `example_batch`; seconds for the tiny model)."""
-  from mmi_jax.convert.release import build_model  # noqa: PLC0415
-  from mmi_jax.models.mm_interleaved import example_batch  # noqa: PLC0415
-
-  return weight_decay_mask(build_model(model_config), example_batch(model_config))
+  return weight_decay_mask(MMInterleaved.from_config(model_config), example_batch(model_config))
 
 
 # --- groups and schedule ---------------------------------------------------------------------

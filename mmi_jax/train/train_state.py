@@ -24,7 +24,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmi_jax import sharding
-from mmi_jax.batch import Batch
+from mmi_jax.models.batch import Batch
 from mmi_jax.models.mm_interleaved import MMInterleaved
 from mmi_jax.train import optimizer as optimizer_lib
 
@@ -58,7 +58,7 @@ class TrainState:
     return optimizer_lib.merge_params(self.params, self.frozen)
 
 
-def build_model(config: Mapping[str, Any], image_slots: int | None = None) -> MMInterleaved:
+def training_model(config: Mapping[str, Any], image_slots: int | None = None) -> MMInterleaved:
   """The `MMInterleaved` of `config.model` with the training settings of `config.train`:
   compute `model.dtype`, storage `model.param_dtype`, remat policy and attention kernel.
 
@@ -140,7 +140,7 @@ class TrainSetup:
         accumulation axis.
       image_slots: image slots per sequence of the LLM's synchronizer.
     """
-    model = build_model(config, image_slots)
+    model = training_model(config, image_slots)
     example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype)
                            if not isinstance(x, jax.ShapeDtypeStruct) else x, example)
     abstract = sharding.abstract_params(model, example)
@@ -212,5 +212,5 @@ class TrainSetup:
     return self.state_from_params(self.init_params(params_rng), state_rng)
 
 
-__all__ = ["BATCH_AXIS", "TrainSetup", "TrainState", "batch_shardings", "build_model",
+__all__ = ["BATCH_AXIS", "TrainSetup", "TrainState", "batch_shardings", "training_model",
            "opt_state_shardings"]

@@ -24,7 +24,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mmi_jax import sharding
-from mmi_jax.batch import Batch
+from mmi_jax.models.batch import Batch
 from mmi_jax.train import optimizer as optimizer_lib
 from mmi_jax.train.train_state import TrainSetup, TrainState, batch_shardings
 

@@ -5,7 +5,7 @@ cannot be had (the built-in demo, no download), a random VAE would make the diff
 train on latents that decode to nothing; so the training command first fits the VAE on the
 training pictures, as SD's VAE was fitted (reconstruction plus a small KL term towards the
 standard normal, on latent samples), and then keeps it frozen, exactly as the release does.
-`config.train.vae_fit.steps = 0` (the default) skips this.
+`config.stand_ins.vae_fit.steps = 0` skips this.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import numpy as np
 import optax
 
 from mmi_jax.data import pipeline, shapes
+from mmi_jax.demo import fit_loop
 from mmi_jax.models.vae import AutoencoderKL, VAEConfig
-from mmi_jax.train.fit_schedule import learning_rate_schedule
 
 
 def training_pictures(config: Any, batch_size: int, seed: int = 0) -> Iterator[np.ndarray]:
@@ -31,53 +31,43 @@ def training_pictures(config: Any, batch_size: int, seed: int = 0) -> Iterator[n
 
 def fit_vae(config: Any, vae_params: Any, rng: jax.Array,
             log: Callable[[str], None] = print) -> tuple[Any, dict[str, float]]:
-  """`config.train.vae_fit.steps` Adam steps on `|decode(sample) - x|^2 + kl_weight * KL`.
+  """`config.stand_ins.vae_fit.steps` Adam steps on `|decode(sample) - x|^2 + kl_weight * KL`.
 
   Args:
-    config: the whole config (`train.vae_fit`: steps, batch_size, learning_rate, kl_weight,
-      schedule, warmup_steps: `fit_schedule`; `model.image_decoder.vae`).
+    config: the whole config (`stand_ins.vae_fit`: steps, batch_size, learning_rate,
+      kl_weight, schedule, warmup_steps: `fit_loop.fit_schedule`; `model.image_decoder.vae`).
     vae_params: the VAE's params (`params["image_decoder"]["decoder"]["vae"]`).
     rng: draws the latent samples.
   Returns:
     `(params, stats)`: the fitted params (float32 host arrays) and the last reconstruction
     error and latent standard deviation.
   """
-  fit = config.train.vae_fit
-  vae = AutoencoderKL(VAEConfig.from_config(config.model.image_decoder.vae))
-  schedule = learning_rate_schedule(fit, "train.vae_fit")
-  optimizer = optax.adam(schedule)
-  kl_weight = float(fit.kl_weight)
+  settings = config.stand_ins.vae_fit
+  vae = AutoencoderKL(VAEConfig.from_mapping(config.model.image_decoder.vae))
+  schedule = fit_loop.fit_schedule(settings, "stand_ins.vae_fit")
+  kl_weight = float(settings.kl_weight)
 
-  def loss_fn(params, images, noise):
+  def loss_fn(params, frozen, images, key):
+    del frozen  # the whole VAE trains
+    noise_shape = jax.eval_shape(
+        lambda p, x: vae.apply({"params": p}, x, method=AutoencoderKL.encode), params,
+        images).shape
+    noise = jax.random.normal(key, noise_shape, jnp.float32)
     pixels = images * 2.0 - 1.0
     mean, logvar = vae.apply({"params": params}, pixels, method=AutoencoderKL.encode_distribution)
     latents = mean + jnp.exp(0.5 * logvar) * noise
     reconstruction = vae.apply({"params": params}, latents, method=AutoencoderKL.decode)
     error = jnp.mean(jnp.square(reconstruction - pixels))
     kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
-    return error + kl_weight * kl, (error, jnp.std(mean))
-
-  @jax.jit
-  def step(params, opt_state, images, rng):
-    noise_shape = jax.eval_shape(
-        lambda p, x: vae.apply({"params": p}, x, method=AutoencoderKL.encode), params,
-        images).shape
-    noise = jax.random.normal(rng, noise_shape, jnp.float32)
-    (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, images, noise)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, aux
+    return error + kl_weight * kl, {"reconstruction_error": error, "latent_std": jnp.std(mean)}
 
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), jax.device_get(vae_params))
-  opt_state = optimizer.init(params)
-  pictures = training_pictures(config, int(fit.batch_size))
-  error = latent_std = float("nan")
-  for index in range(int(fit.steps)):
-    params, opt_state, (error, latent_std) = step(params, opt_state, next(pictures),
-                                                  jax.random.fold_in(rng, index))
-    if index % 100 == 0 or index == fit.steps - 1:
-      log(f"vae fit {index + 1}/{fit.steps}: reconstruction error {float(error):.5f}, "
-          f"latent std {float(latent_std):.3f}, learning rate {float(schedule(index)):.2e}")
-  stats = {"vae_reconstruction_error": float(error), "vae_latent_std": float(latent_std)}
+  params, metrics = fit_loop.fit(
+      "vae fit", loss_fn, params, None, training_pictures(config, int(settings.batch_size)),
+      steps=int(settings.steps), optimizer=optax.adam(schedule), rng=rng, log=log,
+      schedule=schedule)
+  stats = {"vae_reconstruction_error": metrics["reconstruction_error"],
+           "vae_latent_std": metrics["latent_std"]}
   return jax.device_get(params), stats
 
 

@@ -1,20 +1,22 @@
-"""Held-out evaluation of the training command on the built-in shapes documents.
+"""The demo's held-out evaluation on the built-in shapes documents, as a training-loop extension.
 
   * Caption accuracy: each held-out document's first picture is shown as `<s> soi <|image|>...`
-    and the model decodes greedily (KV cache, MMFS active: `mmi_jax.decoding.greedy_decode`)
+    and the model decodes greedily (KV cache, MMFS active: `mmi_jax.generate.decoding.greedy_decode`)
     until `</s>` or soi; a caption counts when its words equal the picture's caption exactly.
     Per-attribute accuracies (shape, colour, background word) are reported too.
   * Picture colour: the model draws the picture for `<s> caption soi` (the release's
     inference: the LLM's hidden states up to the soi condition the image decoder, sampled with
-    classifier-free guidance, `mmi_jax.image_generation`); it counts when the colour most of the
+    classifier-free guidance, `mmi_jax.generate.image_generation`); it counts when the colour most of the
     shape's pixels are nearest to is the caption's (`shapes.classify_colour`). The same count on
     the VAE's reconstructions of the real pictures (encoded to the latent mean, decoded) is
     what the diffusion model could at best reach with this VAE.
 
 `Evaluator` compiles each function once, when first called or ahead of time (`compile_ahead`,
-which the training command runs in a background thread while it trains); its calls are
+which the training loop runs in a background thread while it trains); its calls are
 collective (every process of a multi-host run calls them with the same held-out data,
-replicated).
+replicated). `ShapesEvaluation` runs it at the training loop's evaluations (a config selects it
+in `config.train.extensions`; its settings are `config.shapes_eval`) and writes each picture
+grid to `workdir/samples/` and TensorBoard.
 """
 
 from __future__ import annotations
@@ -26,18 +28,21 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
-from mmi_jax import decoding, image_generation, sharding
-from mmi_jax.batch import Batch
+from mmi_jax import sharding
 from mmi_jax.data import packing, pipeline, shapes
 from mmi_jax.data.tokenizer import shapes_tokenizer
+from mmi_jax.generate import decoding, image_generation
 from mmi_jax.models import multimodal_inputs as mm_inputs
+from mmi_jax.models.batch import Batch
 from mmi_jax.models.image_decoder import ImageDecoder
-from mmi_jax.models.mm_interleaved import MMInterleaved, select_maps
+from mmi_jax.models.mm_interleaved import MMInterleaved
 from mmi_jax.train.background import Worker
+from mmi_jax.train.extensions import Extension, Run
 
 
 def held_out_scenes(config: Any, count: int) -> list[shapes.Scene]:
@@ -74,9 +79,9 @@ class Evaluator:
 
   def __init__(self, config: Any, model: MMInterleaved, mesh: jax.sharding.Mesh):
     self.config, self.model, self.mesh = config, model, mesh
-    self.tokens = mm_inputs.TokenIds.from_config(config.model.tokens)
+    self.tokens = mm_inputs.TokenIds.from_config(config.model)
     self.tokenizer = shapes_tokenizer(config.model.tokens.text_vocab_size)
-    evaluation = config.eval
+    evaluation = config.shapes_eval
     self.caption_scenes = held_out_scenes(config, evaluation.caption_documents)
     self.generation_scenes = held_out_scenes(config, evaluation.generation_documents)
     self._replicated = NamedSharding(mesh, PartitionSpec())
@@ -136,14 +141,13 @@ class Evaluator:
   @functools.cached_property
   def _decode_captions(self):
     model = self.model
-    steps = int(self.config.eval.max_caption_tokens)
+    steps = int(self.config.shapes_eval.max_caption_tokens)
 
     def decode(params, ids, images):
-      visual = model.visual_tokenizer.apply({"params": params["visual_tokenizer"]}, images)
-      image_embeds = visual["vis_embed"][:, None]
-      features = select_maps(visual["multiscale_features"], model.assembly.llm_scale_sizes,
-                             "the LLM's MMFS")[:, None]
-      slot_mask = jnp.ones((ids.shape[0], 1), bool)
+      rows = ids.shape[0]
+      _, image_embeds, features, slot_mask = model.apply(
+          {"params": params}, images, jnp.arange(rows), jnp.ones((rows,), bool), rows, slots=1,
+          method=MMInterleaved.read_images)
       generated, _ = decoding.greedy_decode(
           model.language, params, ids, jnp.ones_like(ids), image_embeds, features, slot_mask,
           steps=steps, max_length=ids.shape[1] + steps)
@@ -187,7 +191,7 @@ class Evaluator:
 
   @functools.cached_property
   def _generate(self):
-    model, evaluation = self.model, self.config.eval
+    model, evaluation = self.model, self.config.shapes_eval
 
     def generate(params, batch, rng_data):
       rng = jax.random.wrap_key_data(rng_data)
@@ -254,4 +258,40 @@ class Evaluator:
     return results
 
 
-__all__ = ["Evaluator", "caption_words", "held_out_scenes", "image_grid"]
+class ShapesEvaluation(Extension):
+  """The training loop's evaluation of the demo: `Evaluator` at every evaluation step."""
+
+  section = "shapes_eval"
+  rng_streams = {"shapes_evaluation": 7}
+
+  @classmethod
+  def settings(cls) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        caption_documents=64,  # single-image documents whose caption is decoded greedily
+        max_caption_tokens=16,
+        generation_documents=16,  # captions whose picture is generated (0: none)
+        generation_steps=30,  # sampler steps (`config.generate.sampler`)
+        guidance_scale=7.5,
+    ))
+
+  def __init__(self, config: Any):
+    super().__init__(config)
+    self._evaluator: Evaluator | None = None
+
+  def _evaluator_of(self, run: Run) -> Evaluator:
+    if self._evaluator is None:
+      self._evaluator = Evaluator(run.config, run.setup.model, run.setup.mesh)
+    return self._evaluator
+
+  def compile_ahead(self, run: Run) -> None:
+    self._evaluator_of(run).compile_ahead(run.setup.abstract_state().all_params(), run.worker)
+
+  def evaluate(self, run: Run, params: Any, step: int) -> dict[str, Any]:
+    results = self._evaluator_of(run)(params, run.rngs.key("shapes_evaluation", step), step,
+                                      run.workdir)
+    if "picture_grid" in results:
+      run.logger.image(step, "eval/pictures", np.asarray(Image.open(results["picture_grid"])))
+    return results
+
+
+__all__ = ["Evaluator", "ShapesEvaluation", "caption_words", "held_out_scenes", "image_grid"]

@@ -4,12 +4,12 @@ The release starts from Vicuna-13B: its LLM already writes text, and the states 
 image decoder (through `context_feat_proj`) already say what a caption means. Where those
 weights cannot be had (the built-in demo, no download), the LLM trains from scratch
 (`train.unfreeze`) and its states change throughout training: an image decoder fitted
-beforehand to draw captions from them (`train.decoder_fit.context = "llm"`) would read states
+beforehand to draw captions from them (`stand_ins.decoder_fit.context = "llm"`) would read states
 the LLM no longer gives. So the training command can first fit the LLM and its text head on the
 training documents' text alone, a stand-in for Vicuna's pretraining: each document as the model
 reads it, `<s>`, its sentences, a soi where each picture starts and `</s>`, but without the
 pictures' `<|image|>` tokens (no image is seen, so the synchronizer takes no part), under the
-model's text loss (SPEC 8). `config.train.llm_fit.steps = 0` (the default) skips this.
+model's text loss (SPEC 8). `config.stand_ins.llm_fit.steps = 0` skips this.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from mmi_jax.data import packing, pipeline, shapes, tokenizer
+from mmi_jax.demo import fit_loop
 from mmi_jax.models import multimodal_inputs as mm_inputs
 from mmi_jax.models.mm_interleaved import text_loss, text_targets
 from mmi_jax.models.multimodal_lm import MultimodalLM
@@ -33,7 +34,7 @@ LANGUAGE_PARAMS = ("mm_decoder", "text_decoder", "soi_token")
 def training_text(config: Any, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """`(ids [batch_size, L], attention mask [batch_size, L])`: the next training documents'
   token ids without `<|image|>` ids, one a row, right-padded to `data.sequence_length`."""
-  tokens = mm_inputs.TokenIds.from_config(config.model.tokens)
+  tokens = mm_inputs.TokenIds.from_config(config.model)
   words = tokenizer.shapes_tokenizer(config.model.tokens.text_vocab_size)
   length = int(config.data.sequence_length)
   layout = pipeline.document_layout(config.data)
@@ -54,44 +55,34 @@ def training_text(config: Any, batch_size: int) -> Iterator[tuple[np.ndarray, np
 
 def fit_llm(config: Any, params: Any, rng: jax.Array, log: Callable[[str], None] = print
             ) -> tuple[Any, dict[str, float]]:
-  """`config.train.llm_fit.steps` Adam steps of the LLM and its text head on the text loss.
+  """`config.stand_ins.llm_fit.steps` Adam steps of the LLM and its text head on the text loss.
 
   Args:
-    config: the whole config (`train.llm_fit`: steps, batch_size, learning_rate;
+    config: the whole config (`stand_ins.llm_fit`: steps, batch_size, learning_rate;
       `model.llm`, `model.tokens`, `data.sequence_length`).
     params: the whole model's params; only `LANGUAGE_PARAMS` are read and changed.
-    rng: unused by the loss (no dropout), kept for the fits' common signature.
+    rng: the fit's stream (the text loss draws nothing).
   Returns:
     `(params, stats)`: the whole model's params (host arrays) with the language model's
     fitted in float32, and the last batch's text loss.
   """
-  del rng
-  fit = config.train.llm_fit
+  settings = config.stand_ins.llm_fit
   language = MultimodalLM.from_config(config.model)
   tokens = language.tokens
   trained = {name: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params[name])
              for name in LANGUAGE_PARAMS}
-  optimizer = optax.adam(float(fit.learning_rate))
 
-  def loss_fn(trained, ids, mask):
+  def loss_fn(trained, frozen, batch, key):
+    del frozen, key  # the whole language model trains; no random draws
+    ids, mask = batch
     logits = language.apply({"params": trained}, ids, mask)["logits"]
-    return text_loss(logits, text_targets(ids, mask, tokens))[0]
+    return text_loss(logits, text_targets(ids, mask, tokens))[0], {}
 
-  @jax.jit
-  def step(trained, opt_state, ids, mask):
-    loss, grads = jax.value_and_grad(loss_fn)(trained, ids, mask)
-    updates, opt_state = optimizer.update(grads, opt_state, trained)
-    return optax.apply_updates(trained, updates), opt_state, loss
-
-  opt_state = optimizer.init(trained)
-  batches = training_text(config, int(fit.batch_size))
-  loss = float("nan")
-  for index in range(int(fit.steps)):
-    ids, mask = next(batches)
-    trained, opt_state, loss = step(trained, opt_state, ids, mask)
-    if index % 100 == 0 or index == fit.steps - 1:
-      log(f"llm fit {index + 1}/{fit.steps}: text loss {float(loss):.5f}")
-  return dict(params, **jax.device_get(trained)), {"llm_fit_text_loss": float(loss)}
+  trained, metrics = fit_loop.fit(
+      "llm fit", loss_fn, trained, None, training_text(config, int(settings.batch_size)),
+      steps=int(settings.steps), optimizer=optax.adam(float(settings.learning_rate)), rng=rng,
+      log=log)
+  return dict(params, **jax.device_get(trained)), {"llm_fit_text_loss": metrics["loss"]}
 
 
 __all__ = ["LANGUAGE_PARAMS", "fit_llm", "training_text"]

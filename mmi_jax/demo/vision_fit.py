@@ -9,7 +9,7 @@ classifier of each attribute a caption names (shape, colour, background) reads t
 encoder's final patch features (`image_embeds`, what the perceiver resampler reads), and the
 summed cross-entropies train the encoder and the classifiers. The classifiers are then
 discarded; the trunk stays frozen in training as the release's does, unless `train.unfreeze`
-says otherwise. `config.train.vision_fit.steps = 0` (the default) skips this.
+says otherwise. `config.stand_ins.vision_fit.steps = 0` skips this.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from mmi_jax.data import pipeline, shapes
+from mmi_jax.demo import fit_loop
 from mmi_jax.models.visual_tokenizer import VisualTokenizer
 
 # What the classifiers name, in the order of their logits.
@@ -42,10 +43,10 @@ def training_pictures(config: Any, batch_size: int) -> Iterator[tuple[np.ndarray
 
 def fit_vision_encoder(config: Any, tokenizer_params: Any, rng: jax.Array,
                        log: Callable[[str], None] = print) -> tuple[Any, dict[str, float]]:
-  """`config.train.vision_fit.steps` AdamW steps of the encoder and attribute classifiers.
+  """`config.stand_ins.vision_fit.steps` AdamW steps of the encoder and attribute classifiers.
 
   Args:
-    config: the whole config (`train.vision_fit`: steps, batch_size, learning_rate;
+    config: the whole config (`stand_ins.vision_fit`: steps, batch_size, learning_rate;
       `model.vision_encoder`, `model.vision_adapter`, `model.visual_tokenizer`).
     tokenizer_params: the visual tokenizer's params (`params["visual_tokenizer"]`); only its
       `encoder` subtree changes.
@@ -54,47 +55,35 @@ def fit_vision_encoder(config: Any, tokenizer_params: Any, rng: jax.Array,
     `(params, stats)`: the visual tokenizer's params (float32 host arrays) with the fitted
     encoder, and the last batch's loss and per-attribute accuracy.
   """
-  fit = config.train.vision_fit
+  settings = config.stand_ins.vision_fit
   tokenizer = VisualTokenizer.from_config(config.model)
   width = config.model.vision_encoder.hidden_size
   sizes = [len(values) for values in ATTRIBUTES.values()]
   classifiers = {"kernel": jax.random.normal(rng, (width, sum(sizes)), jnp.float32)
                  / np.sqrt(width), "bias": jnp.zeros((sum(sizes),), jnp.float32)}
-  optimizer = optax.adamw(float(fit.learning_rate), b1=0.9, b2=0.995, eps=1e-6,
-                          weight_decay=0.05)
   splits = np.cumsum(sizes)[:-1]
 
-  def loss_fn(trained, others, pictures, labels):
+  def loss_fn(trained, others, batch, key):
+    del key  # no random draws
+    pictures, labels = batch
     params = dict(others, encoder=trained["encoder"])
     features = tokenizer.apply({"params": params}, pictures)["image_embeds"].mean(axis=1)
     logits = features @ trained["classifiers"]["kernel"] + trained["classifiers"]["bias"]
-    losses, correct = [], []
-    for index, part in enumerate(jnp.split(logits, splits, axis=-1)):
+    losses, accuracies = [], {}
+    for index, (name, part) in enumerate(zip(ATTRIBUTES, jnp.split(logits, splits, axis=-1))):
       losses.append(optax.softmax_cross_entropy_with_integer_labels(part, labels[:, index]))
-      correct.append(jnp.mean(jnp.argmax(part, axis=-1) == labels[:, index]))
-    return sum(loss.mean() for loss in losses), jnp.stack(correct)
-
-  @jax.jit
-  def step(trained, opt_state, others, pictures, labels):
-    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained, others,
-                                                                        pictures, labels)
-    updates, opt_state = optimizer.update(grads, opt_state, trained)
-    return optax.apply_updates(trained, updates), opt_state, loss, accuracy
+      accuracies[f"{name}_accuracy"] = jnp.mean(jnp.argmax(part, axis=-1) == labels[:, index])
+    return sum(loss.mean() for loss in losses), accuracies
 
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), jax.device_get(tokenizer_params))
   others = {name: value for name, value in params.items() if name != "encoder"}
-  trained = {"encoder": params["encoder"], "classifiers": classifiers}
-  opt_state = optimizer.init(trained)
-  pictures = training_pictures(config, int(fit.batch_size))
-  loss, accuracy = float("nan"), np.full(len(ATTRIBUTES), np.nan)
-  for index in range(int(fit.steps)):
-    trained, opt_state, loss, accuracy = step(trained, opt_state, others, *next(pictures))
-    if index % 100 == 0 or index == fit.steps - 1:
-      named = ", ".join(f"{name} {float(value):.2f}" for name, value in zip(ATTRIBUTES, accuracy))
-      log(f"vision fit {index + 1}/{fit.steps}: loss {float(loss):.4f}, accuracy {named}")
-  stats = {"vision_fit_loss": float(loss)}
-  stats.update({f"vision_fit_{name}_accuracy": float(value)
-                for name, value in zip(ATTRIBUTES, accuracy)})
+  optimizer = optax.adamw(float(settings.learning_rate), b1=0.9, b2=0.995, eps=1e-6,
+                          weight_decay=0.05)
+  trained, metrics = fit_loop.fit(
+      "vision fit", loss_fn, {"encoder": params["encoder"], "classifiers": classifiers}, others,
+      training_pictures(config, int(settings.batch_size)), steps=int(settings.steps),
+      optimizer=optimizer, rng=rng, log=log)
+  stats = {f"vision_fit_{name}": value for name, value in metrics.items()}
   return jax.device_get(dict(others, encoder=trained["encoder"])), stats
 
 

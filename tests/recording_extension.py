@@ -1,0 +1,51 @@
+"""A training extension that records which extension points the loop calls, and when.
+
+`RecordedCalls` (`config.train.extensions`) appends one JSON line per call to
+`workdir/extension_calls.jsonl` (process 0): the point's name and the step it sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+
+from mmi_jax.train.extensions import Extension, Run
+from mmi_jax.train.train_state import TrainState
+
+NAME = "recording_extension.RecordedCalls"
+FILE = "extension_calls.jsonl"
+
+
+class RecordedCalls(Extension):
+
+  def _record(self, run: Run, point: str, step: int | None = None) -> None:
+    if jax.process_index() == 0:
+      with open(os.path.join(run.workdir, FILE), "a") as file:
+        file.write(json.dumps({"point": point, "step": step}) + "\n")
+
+  def compile_ahead(self, run: Run) -> None:
+    self._record(run, "compile_ahead")
+
+  def prepare_params(self, run: Run, params: Any) -> Any:
+    self._record(run, "prepare_params")
+    return params
+
+  def after_training(self, run: Run, state: TrainState) -> TrainState:
+    self._record(run, "after_training", int(state.step))
+    return state
+
+  def evaluate(self, run: Run, params: Any, step: int) -> dict[str, Any]:
+    self._record(run, "evaluate", step)
+    return {"recorded_evaluations": 1.0}
+
+
+def recorded_calls(workdir) -> list[tuple[str, int | None]]:
+  """`(point, step)` of every recorded call, in order."""
+  path = os.path.join(workdir, FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as file:
+    return [(entry["point"], entry["step"]) for entry in map(json.loads, file)]
