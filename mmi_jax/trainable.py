@@ -1,4 +1,5 @@
-"""Which params train: masks from path patterns, and parameter counts.
+"""Which params train: masks from path patterns, parameter counts, and params split into the
+trainable and the frozen ones and merged back.
 
 A model states what it freezes as regular expressions over '/'-joined param paths (the
 visual tokenizer: the CLIP ViT trunk and the fixed position table). `unfrozen_mask` turns them
@@ -31,3 +32,23 @@ def count_params(params: Any, mask: Any = None) -> int:
   selected = traverse_util.flatten_dict(mask) if mask is not None else None
   return sum(math.prod(leaf.shape) for path, leaf in flat.items()
              if selected is None or selected[path])
+
+
+def split_params(params: Any, mask: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+  """`(trainable, frozen)`: the leaves of `params` where `mask` is True / False, as nested
+  dicts (boxed leaves stay boxed)."""
+  flat = traverse_util.flatten_dict(params)
+  selected = traverse_util.flatten_dict(nn.meta.unbox(mask))
+  trainable = {path: leaf for path, leaf in flat.items() if selected[path]}
+  frozen = {path: leaf for path, leaf in flat.items() if not selected[path]}
+  return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def merge_params(trainable: Any, frozen: Any) -> dict[str, Any]:
+  """The inverse of `split_params`: one nested dict with the leaves of both."""
+  flat = traverse_util.flatten_dict(trainable)
+  other = traverse_util.flatten_dict(frozen)
+  overlap = flat.keys() & other.keys()
+  if overlap:
+    raise ValueError(f"params in both trees: {sorted('/'.join(p) for p in overlap)[:5]}")
+  return traverse_util.unflatten_dict({**flat, **other})

@@ -4,9 +4,9 @@ repository root on sys.path.
 XLA_FLAGS must be set before jax is first imported, which is why it is done here. Tests that
 need one device simply use the default device; multi-device tests build meshes over all 8.
 The suite's time is mostly XLA compiling the models' gradients; with LLVM's optimisations off
-they compile much faster and run a little slower (experiments/PERFORMANCE.md). The tests check values, not speed, and XLA's HLO passes (fusion, sharding)
-are the same; subprocesses that set their own XLA_FLAGS take these
-(`test_train_command.environment`).
+they compile much faster and run a little slower (experiments/PERFORMANCE.md). The tests
+check values, not speed, and XLA's HLO passes (fusion, sharding) are the same; subprocesses
+that set their own XLA_FLAGS take these (`test_train_command.environment`).
 
 The session, its pytest-xdist workers and the training commands they start share one
 persistent compilation cache, in a directory made for the session and removed after it: a

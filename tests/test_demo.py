@@ -5,6 +5,8 @@ the held-out evaluation on the shapes documents (`mmi_jax.demo.shapes_evaluation
 from __future__ import annotations
 
 import functools
+import json
+import os
 import re
 
 import jax
@@ -19,7 +21,8 @@ from configs import demo
 from mmi_jax.data import pipeline, shapes, tokenizer
 from mmi_jax.data.tokenizer import shapes_tokenizer
 from mmi_jax.demo import decoder_fit, fit_loop, llm_fit, vae_fit, vision_fit
-from mmi_jax.demo.shapes_evaluation import Evaluator, caption_words
+from mmi_jax.demo.shapes_evaluation import (GRID_HEADER, GRID_PAD, GRID_TEXT_WIDTH, Evaluator,
+                                            caption_words, grid_tile)
 from mmi_jax.demo.stand_ins import StandIns
 from mmi_jax.models.image_decoder import ImageDecoder
 from mmi_jax.models.multimodal_inputs import TokenIds
@@ -51,8 +54,9 @@ def test_the_vision_fit_trains_the_encoder_to_name_the_attributes():
   logged = []
   fitted, stats = vision_fit.fit_vision_encoder(config, before, jax.random.key(3),
                                                 log=logged.append)
-  assert "vision fit 1/8" in logged[0] and "vision fit 8/8" in logged[-1]
-  first_loss = logged_number(logged[0], "loss")
+  assert logged[0] == "vision fit: 8 steps; compiling its step"
+  assert "vision fit 1/8" in logged[1] and "vision fit 8/8" in logged[-1]
+  first_loss = logged_number(logged[1], "loss")
   assert stats["vision_fit_loss"] < first_loss
   assert set(stats) == {"vision_fit_loss", "vision_fit_shape_accuracy",
                         "vision_fit_colour_accuracy", "vision_fit_background_accuracy"}
@@ -74,11 +78,16 @@ def test_the_vae_fit_reconstructs_the_pictures_better_and_changes_only_the_vae()
   assert pictures.shape == (4, size, size, 3) and 0.0 <= pictures.min() < pictures.max() <= 1.0
   vae = AutoencoderKL(VAEConfig.from_mapping(config.model.image_decoder.vae))
   before = random_params(jax.eval_shape(vae.init, jax.random.key(0), pictures[:1])["params"])
-  logged = []
-  fitted, stats = vae_fit.fit_vae(config, before, jax.random.key(1), log=logged.append)
-  assert "vae fit 1/12" in logged[0] and "vae fit 12/12" in logged[-1]
-  assert all("learning rate 4.00e-03" in line for line in logged)
-  first_error = logged_number(logged[0], "reconstruction_error")
+  logged, recorded = [], []
+  fitted, stats = vae_fit.fit_vae(config, before, jax.random.key(1), log=logged.append,
+                                  record=lambda step, values: recorded.append((step, values)))
+  assert "vae fit 1/12" in logged[1] and "vae fit 12/12" in logged[-1]
+  # The curves: every `RECORD_EVERY` steps and the last.
+  assert [step for step, _ in recorded] == [10, 12]
+  assert set(recorded[-1][1]) == {"loss", "reconstruction_error", "latent_std", "learning_rate"}
+  assert recorded[-1][1]["reconstruction_error"] == stats["vae_reconstruction_error"]
+  assert all("learning rate 4.00e-03" in line for line in logged[1:])
+  first_error = logged_number(logged[1], "reconstruction_error")
   assert stats["vae_reconstruction_error"] < 0.8 * first_error
   want, got = flat(before), flat(fitted)
   assert want.keys() == got.keys()
@@ -124,8 +133,9 @@ def test_a_fit_steps_at_its_schedule_s_rate():
         "toy fit", loss_fn, {"w": jnp.zeros(3)}, None, iter([np.ones(3, np.float32)]),
         steps=1, optimizer=optax.adam(schedule), rng=jax.random.key(0), log=logged.append,
         schedule=schedule)
-    assert len(logged) == 1 and logged[0].startswith("toy fit 1/1: loss 3.00000, distance 0.0")
-    assert f"learning rate {rate}" in logged[0] and metrics["loss"] == 3.0
+    assert logged[0] == "toy fit: 1 steps; compiling its step" and len(logged) == 2
+    assert logged[1].startswith("toy fit 1/1: loss 3.00000, distance 0.0")
+    assert f"learning rate {rate}" in logged[1] and metrics["loss"] == 3.0
     moved = np.asarray(trained["w"])
     assert np.all(moved == 0) if name == "cosine" else np.all(moved > 0), (name, moved)
 
@@ -177,9 +187,9 @@ def test_the_decoder_fit_learns_to_draw_captions_and_changes_only_its_params():
   fitted, stats = decoder_fit.fit_decoder(config, {"image_decoder": before}, jax.random.key(2),
                                           config.stand_ins.decoder_fit, "stand_ins.decoder_fit",
                                           log=logged.append)
-  assert "decoder fit 1/6" in logged[0] and "decoder fit 6/6" in logged[-1]
-  assert all("learning rate 3.00e-03" in line for line in logged)  # its constant schedule
-  first_error = logged_number(logged[0], "loss")
+  assert "decoder fit 1/6" in logged[1] and "decoder fit 6/6" in logged[-1]
+  assert all("learning rate 3.00e-03" in line for line in logged[1:])  # its constant schedule
+  first_error = logged_number(logged[1], "loss")
   assert stats["decoder_fit_error"] < 0.9 * first_error
   assert fitted.keys() == {"image_decoder"}
   moved = check_fitted_decoder(before, fitted["image_decoder"])
@@ -244,8 +254,8 @@ def test_the_llm_fit_learns_the_documents_text_and_changes_only_the_language_mod
   before = text_only_params()
   logged = []
   fitted, stats = llm_fit.fit_llm(config, before, jax.random.key(0), log=logged.append)
-  assert "llm fit 1/8" in logged[0] and "llm fit 8/8" in logged[-1]
-  assert stats["llm_fit_text_loss"] < 0.9 * logged_number(logged[0], "loss")
+  assert "llm fit 1/8" in logged[1] and "llm fit 8/8" in logged[-1]
+  assert stats["llm_fit_text_loss"] < 0.9 * logged_number(logged[1], "loss")
   want, got = flat(before), flat(fitted)
   assert want.keys() == got.keys()
   moved = {path for path in want if not np.array_equal(want[path], got[path])}
@@ -276,9 +286,15 @@ def test_the_decoder_fit_after_training_reads_the_llm_and_changes_only_the_decod
             rngs=RngStreams(0, ("core", CORE_STREAMS), ("stand-ins", extension.rng_streams)),
             worker=background.Worker(), logger=MetricsLog(str(tmp_path), logged.append))
   fitted = extension.after_training(run, state)
-  assert "decoder fit 1/6" in logged[0] and "decoder fit 6/6" in logged[-2]
+  run.logger.close()
+  assert "decoder fit 1/6" in logged[1] and "decoder fit 6/6" in logged[-2]
+  with open(tmp_path / "metrics.jsonl") as file:
+    curves = [json.loads(line) for line in file]
+  assert [(r["split"], r["step"]) for r in curves] == [("decoder_fit_after_training", 6)]
+  np.testing.assert_allclose(curves[0]["loss"], logged_number(logged[-2], "loss"), atol=1e-5)
+  assert os.listdir(tmp_path / "tensorboard")
   assert "image decoder fitted after training" in logged[-1]
-  assert logged_number(logged[-2], "loss") < 0.9 * logged_number(logged[0], "loss")
+  assert logged_number(logged[-2], "loss") < 0.9 * logged_number(logged[1], "loss")
   assert int(fitted.step) == int(state.step)
   assert fitted.opt_state is state.opt_state
   want, got = flat(state.all_params()), flat(fitted.all_params())
@@ -320,8 +336,9 @@ def build_image_decoder(config):
 
 @WHOLE_MODEL_GROUP
 def test_the_picture_evaluation_scores_the_pictures_its_grid_shows(tmp_path):
-  """The held-out picture evaluation: its grid holds (real, VAE reconstruction, generated)
-  for each caption, its two colour accuracies are those of the grid's pictures, and the
+  """The held-out picture evaluation: its grid holds a labelled row of (real, VAE
+  reconstruction, generated) for each caption, its two colour accuracies are those of the
+  grid's pictures, and the
   generated pictures depend on the rng and the reconstructions do not. Its programs are
   compiled ahead of time on a background thread, as the training command does."""
   config, setup, _, state, _ = two_whole_model_steps()
@@ -332,10 +349,15 @@ def test_the_picture_evaluation_scores_the_pictures_its_grid_shows(tmp_path):
   evaluator.compile_ahead(params, background.Worker())
   results = evaluator(params, jax.random.key(7), step=2, workdir=str(tmp_path))
   grid = np.asarray(Image.open(results["picture_grid"]))
-  size, pad = config.model.image_decoder.image_size, 2
-  assert grid.shape == (size + 2 * pad, 12 * (size + pad) + pad, 3)
-  tiles = [grid[pad:pad + size, pad + i * (size + pad):pad + i * (size + pad) + size]
-           for i in range(12)]
+  size = config.model.image_decoder.image_size
+  assert grid.shape == (GRID_HEADER + 4 * (size + GRID_PAD),
+                        GRID_PAD + 3 * (size + GRID_PAD) + GRID_TEXT_WIDTH, 3)
+  tiles = [grid_tile(grid, i // 3, i % 3, size) for i in range(12)]
+  # Labelled: the column titles above the pictures, each row's caption and verdict beside them.
+  assert (grid[:GRID_HEADER - 2, :3 * size] < 128).any()
+  text = grid[GRID_HEADER:, GRID_PAD + 3 * (size + GRID_PAD):]
+  for row in range(4):
+    assert (text[row * (size + GRID_PAD):(row + 1) * (size + GRID_PAD)] < 128).any(), row
   scenes = evaluator.generation_scenes
   assert results["picture_captions"] == [shapes.caption_of(scene) for scene in scenes]
   for index, scene in enumerate(scenes):
@@ -347,8 +369,7 @@ def test_the_picture_evaluation_scores_the_pictures_its_grid_shows(tmp_path):
   _, again = evaluator.pictures(params, jax.random.key(7))
   _, other = evaluator.pictures(params, jax.random.key(8))
   np.testing.assert_array_equal(again, grid)
-  other_tiles = [other[pad:pad + size, pad + i * (size + pad):pad + i * (size + pad) + size]
-                 for i in range(12)]
+  other_tiles = [grid_tile(other, i // 3, i % 3, size) for i in range(12)]
   for index in range(4):
     np.testing.assert_array_equal(other_tiles[3 * index + 1], tiles[3 * index + 1])
     assert not np.array_equal(other_tiles[3 * index + 2], tiles[3 * index + 2])

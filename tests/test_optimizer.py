@@ -302,8 +302,8 @@ def test_trainable_set_is_the_release_set_with_unfreeze_and_freeze(config, abstr
 
 def test_optimizer_state_holds_only_trainable_params(config, abstract, decay_mask):
   mask = optimizer.trainable_mask(abstract, config)
-  trainable, frozen = optimizer.split_params(abstract, mask)
-  assert flat(optimizer.merge_params(trainable, frozen)).keys() == flat(abstract).keys()
+  trainable, frozen = trainable_lib.split_params(abstract, mask)
+  assert flat(trainable_lib.merge_params(trainable, frozen)).keys() == flat(abstract).keys()
   selected = flat(mask)
   assert all(selected[path] for path in flat(trainable))
   assert not any(selected[path] for path in flat(frozen))

@@ -20,6 +20,8 @@ from mmi_jax.models.mm_interleaved import frozen_param_patterns
 from random_params import random_params
 from release_shapes import SHAPES_13B
 
+PROGRAM = "mmi_jax.convert"
+
 TINY = tiny.get_config().model
 
 
@@ -170,9 +172,9 @@ def test_command_line_round_trip_through_orbax(tmp_path, tiny_params, capsys):
   source = tmp_path / "release"
   release.save(tiny_params, TINY, source, progress=False)
   config = "configs/tiny.py"
-  cli.main(["release-to-jax", str(source), str(tmp_path / "orbax"), f"--config={config}",
-            "--noprogress"])
-  cli.main(["jax-to-release", str(tmp_path / "orbax"), str(tmp_path / "back"),
+  cli.main([PROGRAM, "release-to-jax", str(source), str(tmp_path / "orbax"),
+            f"--config={config}", "--noprogress"])
+  cli.main([PROGRAM, "jax-to-release", str(tmp_path / "orbax"), str(tmp_path / "back"),
             f"--config={config}", "--dtype=bfloat16", "--noprogress"])
   back = checkpoint_files.open_checkpoint(tmp_path / "back")
   original = checkpoint_files.open_checkpoint(source)
@@ -182,7 +184,7 @@ def test_command_line_round_trip_through_orbax(tmp_path, tiny_params, capsys):
     if key not in release.buffers(TINY):  # buffers keep the release's dtypes
       expected = expected.astype(ml_dtypes.bfloat16)
     np.testing.assert_array_equal(back[key], expected, err_msg=key)
-  cli.main(["count", f"--config={config}"])
+  cli.main([PROGRAM, "count", f"--config={config}"])
   printed = capsys.readouterr().out
   total = sum(int(np.prod(shape)) for key, shape in release.expected_shapes(TINY).items()
               if key not in release.buffers(TINY))

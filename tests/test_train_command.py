@@ -112,6 +112,37 @@ def straight_run(tmp_path_factory, cache_dir):
   return workdir, train_losses(workdir)
 
 
+def test_evaluating_a_saved_step_leaves_the_run_as_it_was(straight_run, cache_dir):
+  """`--mode=eval` evaluates the latest step (or `--step`) into `evaluations/step_N/`, with the
+  draws of the run's own evaluation of that step, and changes nothing of the run."""
+  workdir, _ = straight_run
+  flags = ("--config.shapes_eval.caption_documents=2", "--config.shapes_eval.max_caption_tokens=3",
+           "--mode=eval")
+
+  def snapshot():
+    return {(path, name): os.stat(os.path.join(path, name)).st_mtime_ns
+            for path, _, names in os.walk(workdir) for name in names
+            if "evaluations" not in path}
+
+  before = snapshot()
+  with open(workdir / "results.json") as file:
+    trained = json.load(file)
+  printed = run(workdir, 6, cache_dir, *flags)
+  assert "evaluating step 6 of" in printed and "eval at step 6" in printed
+  with open(workdir / "evaluations" / "step_6" / "results.json") as file:
+    evaluated = json.load(file)
+  assert evaluated["step"] == 6 and evaluated["examples"] == trained["examples"]
+  assert evaluated["caption_accuracy"] == trained["caption_accuracy"]
+  assert snapshot() == before
+  done = subprocess.run(command(workdir, 6, *flags, "--step=5"), cwd=ROOT, capture_output=True,
+                        text=True, env=environment(cache_dir, 1), timeout=300)
+  saved = sorted(int(name) for name in os.listdir(workdir / "checkpoints"))
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert done.stderr.strip().endswith(f"error: --step=5: {workdir / 'checkpoints'} holds steps "
+                                      f"{saved}"), done.stderr[-3000:]
+  assert snapshot() == before
+
+
 def free_port() -> int:
   with socket.socket() as probe:
     probe.bind(("localhost", 0))

@@ -1,39 +1,64 @@
-"""Command line for checkpoint conversion.
+"""Converts checkpoints between this code, the release's PyTorch format and the standard
+Hugging Face / diffusers parts.
 
   python -m mmi_jax.convert release-to-jax SRC DST --config=configs/mmi_13b.py
       the release's PyTorch state dict (file, shard index or directory) -> an Orbax checkpoint
       of the params at DST;
-  python -m mmi_jax.convert jax-to-release SRC DST --config=... [--dtype=bfloat16]
-      an Orbax params checkpoint -> the release's state dict as safetensors shards in DST;
-  python -m mmi_jax.convert export SRC DST --config=... [--dtype=...]
-      an Orbax params checkpoint -> Hugging Face / diffusers directories of its standard parts
+  python -m mmi_jax.convert jax-to-release SRC DST --config=... [--step=N] [--dtype=bfloat16]
+      SRC, a training workdir (its checkpoint of step N, default the latest) or an Orbax
+      params checkpoint -> the release's state dict as safetensors shards in DST;
+  python -m mmi_jax.convert export SRC DST --config=... [--step=N] [--dtype=...]
+      SRC as above -> Hugging Face / diffusers directories of its standard parts
       (DST/llama, DST/unet, DST/vae, DST/clip_vision);
   python -m mmi_jax.convert count --config=...
       the model's parameter count, total and trainable, computed abstractly.
 
-`--config` is an ml_collections config file (`--config.model.x=y` overrides fields).
+`--config` is an ml_collections config file, the one the model was trained with
+(`--config.model.x=y` overrides fields).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
 from absl import flags
 from ml_collections import config_flags
 
+from mmi_jax import command_line
+
 COMMANDS = {"release-to-jax": 2, "jax-to-release": 2, "export": 2, "count": 0}
 
 
-def _flag_values() -> flags.FlagValues:
+def _flag_values(argv: list[str]) -> flags.FlagValues:
+  """The command's flags; `argv` is the command line the config's overrides come from."""
   values = flags.FlagValues()  # private: importing this module defines no global flags
-  config_flags.DEFINE_config_file("config", None, "model config file", flag_values=values)
+  config_flags.DEFINE_config_file("config", None, "The model's ml_collections config file.",
+                                  flag_values=values, sys_argv=argv)
   flags.DEFINE_string("dtype", None, "dtype of the written params (default: keep)",
                       flag_values=values)
+  flags.DEFINE_integer("step", None, "With a training workdir as SRC: the step to convert "
+                       "(default: the latest).", flag_values=values)
   flags.DEFINE_integer("max_shard_mb", 5 * 1024, "largest safetensors shard in MiB",
                        flag_values=values)
   flags.DEFINE_boolean("progress", True, "show progress bars", flag_values=values)
   return values
+
+
+def _read_params(path: str, model_config, dtype, step: int | None):
+  """The params of SRC: a training workdir's checkpoint of `step`, or an Orbax params
+  checkpoint (read into the shapes of `model_config`, in `dtype`)."""
+  from mmi_jax.convert import training_run  # noqa: PLC0415
+
+  if training_run.is_training_run(path):
+    try:
+      step, params = training_run.read_params(path, step)
+    except ValueError as error:
+      raise command_line.UsageError(str(error)) from None
+    print(f"read the params of step {step} of the training run in {path}")
+    return params
+  return _read_orbax(path, model_config, dtype)
 
 
 def _read_orbax(path: str, model_config, dtype):
@@ -49,17 +74,26 @@ def _read_orbax(path: str, model_config, dtype):
 
 
 def main(argv: Sequence[str]) -> None:
-  values = _flag_values()
-  positional = values(["mmi_jax.convert", *argv])[1:]
+  """`argv`: `[program, command, *paths, *flags]`."""
+  values = _flag_values(list(argv))
+  positional = command_line.parse(values, argv, __doc__)
   if not positional or positional[0] not in COMMANDS:
-    raise SystemExit(f"usage: python -m mmi_jax.convert {{{'|'.join(COMMANDS)}}} ... "
-                     f"--config=FILE; got {list(argv)}")
+    raise command_line.UsageError(
+        f"the first argument is the command, one of {', '.join(COMMANDS)}; got "
+        f"{positional[0] if positional else 'none'} (--help tells more)")
   command, paths = positional[0], positional[1:]
   if len(paths) != COMMANDS[command]:
-    raise SystemExit(f"{command} takes {COMMANDS[command]} paths (SRC DST), got {paths}")
-  if values.config is None:
-    raise SystemExit("--config=FILE is required (e.g. configs/mmi_13b.py)")
-  model_config = values.config.model
+    raise command_line.UsageError(
+        f"{command} takes {COMMANDS[command]} paths" + (" (SRC DST)" if COMMANDS[command] else "")
+        + f", got {len(paths)}: {paths}")
+  config = command_line.config_value(values, argv)
+  model_config = config.model
+  if values.step is not None and not (command in ("jax-to-release", "export")
+                                      and os.path.isdir(os.path.join(paths[0], "checkpoints"))):
+    raise command_line.UsageError("--step is for jax-to-release and export from a training "
+                                  "workdir (SRC with a checkpoints directory)")
+  if command != "count" and not os.path.exists(paths[0]):
+    raise command_line.UsageError(f"SRC {paths[0]} does not exist")
 
   from mmi_jax.convert import release  # noqa: PLC0415 (after argument errors: instant)
 
@@ -73,7 +107,7 @@ def main(argv: Sequence[str]) -> None:
     abstract = release.param_shapes(model_config)
     mask = trainable.unfrozen_mask(abstract, frozen_param_patterns(model_config))
     total, trained = trainable.count_params(abstract), trainable.count_params(abstract, mask)
-    print(f"{values.config.get('name', 'model')}: {total:,} parameters, {trained:,} trainable, "
+    print(f"{config.get('name', 'model')}: {total:,} parameters, {trained:,} trainable, "
           f"{len(traverse_util.flatten_dict(nn.meta.unbox(abstract)))} tensors")
     return
   source, destination = paths
@@ -86,7 +120,7 @@ def main(argv: Sequence[str]) -> None:
     checkpointer.wait_until_finished()
     print(f"wrote {destination}")
     return
-  params = _read_orbax(source, model_config, values.dtype)
+  params = _read_params(source, model_config, values.dtype, values.step)
   if command == "jax-to-release":
     files = release.save(params, model_config, destination, dtype=values.dtype,
                          max_shard_bytes=values.max_shard_mb * 2**20,
@@ -95,10 +129,19 @@ def main(argv: Sequence[str]) -> None:
   else:
     from mmi_jax.convert import export  # noqa: PLC0415
 
-    written = export.export_all(params, model_config, destination, dtype=values.dtype)
-    for name, directory in written.items():
-      print(f"{name}: {directory}")
+    # Each part the model has; one its format cannot hold is named, the others are written.
+    refused = []
+    for name in export.parts(model_config):
+      try:
+        directory = export.EXPORTS[name](params, model_config, os.path.join(destination, name),
+                                         dtype=values.dtype)
+        print(f"{name}: {directory}")
+      except export.UnrepresentableError as error:
+        print(f"{name}: not exported: {error}", file=sys.stderr)
+        refused.append(name)
+    if refused:
+      raise SystemExit(1)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  command_line.run(main, sys.argv, "python -m mmi_jax.convert")

@@ -56,6 +56,10 @@ CLIP_VISION_PREFIX = "vision_model."  # read by transformers 4 and 5 alike
 MMFS_LAYER_PARAMS = "llama_cross_attn"
 
 
+class UnrepresentableError(ValueError):
+  """The params hold something the export's format cannot (an `lm_head` bias for HF Llama)."""
+
+
 def _subtree(params: Mapping[str, Any], path: str) -> Any:
   """`params[a][b]...` for `path` "a/b/...", or a ValueError naming the first missing level."""
   node, names = params, path.split("/")
@@ -132,8 +136,9 @@ def export_llama(params: Mapping[str, Any], model_config: Any, directory: str | 
                   "text_decoder", "config.model.tokens and llm")
   text_bias = np.asarray(head[("head", "bias")])[:text_vocab]
   if np.any(text_bias != 0):
-    raise ValueError(f"text_decoder/head/bias is non-zero on {np.count_nonzero(text_bias)} text "
-                     "ids; Hugging Face's LlamaForCausalLM has no lm_head bias to hold it")
+    raise UnrepresentableError(
+        f"text_decoder/head/bias is non-zero on {np.count_nonzero(text_bias)} text ids; "
+        "Hugging Face's LlamaForCausalLM has no lm_head bias to hold it")
   head_kernel = np.asarray(head[("head", "kernel")])
   merged = head_kernel.astype(np.float32)  # [D, V]
   merged[:, text_vocab:] += np.asarray(head[("head_new", "kernel")], np.float32)
@@ -256,8 +261,9 @@ def export_clip_vision(params: Mapping[str, Any], model_config: Any,
   trunk = {name: _subtree(params, f"visual_tokenizer/encoder/{name}") for name in TRUNK_MODULES}
   abstract = abstract_params(CLIPVisionTransformer.from_config(model_config),
                              jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32))
-  flat = check_same_tree(trunk, abstract, "visual_tokenizer/encoder/{" + ", ".join(TRUNK_MODULES) + "}",
-                  "config.model.vision_encoder")
+  flat = check_same_tree(trunk, abstract,
+                         "visual_tokenizer/encoder/{" + ", ".join(TRUNK_MODULES) + "}",
+                         "config.model.vision_encoder")
   written = _dtype_name(flat, dtype)
 
   def tensors():
@@ -284,15 +290,22 @@ EXPORTS = {"llama": export_llama, "unet": export_unet, "vae": export_vae,
 
 def export_all(params: Mapping[str, Any], model_config: Any, directory: str | os.PathLike,
                *, dtype: Any = None) -> dict[str, pathlib.Path]:
-  """All four exports, under `directory/{llama, unet, vae, clip_vision}`.
+  """The exports of the parts the model has, under `directory/{llama, unet, vae,
+  clip_vision}` (a model without an image decoder has no UNet and no VAE).
 
   Returns:
     `{"llama": ..., "unet": ..., "vae": ..., "clip_vision": ...}`, the directories written.
   """
   directory = pathlib.Path(directory)
-  return {name: export(params, model_config, directory / name, dtype=dtype)
-          for name, export in EXPORTS.items()}
+  return {name: EXPORTS[name](params, model_config, directory / name, dtype=dtype)
+          for name in parts(model_config)}
 
 
-__all__ = ["CLIP_VISION_PREFIX", "EXPORTS", "export_all", "export_clip_vision", "export_llama",
-           "export_unet", "export_vae"]
+def parts(model_config: Any) -> list[str]:
+  """The names of the exports the model has (no UNet and no VAE without an image decoder)."""
+  return [name for name in EXPORTS
+          if name not in ("unet", "vae") or model_config.get("image_decoder") is not None]
+
+
+__all__ = ["CLIP_VISION_PREFIX", "EXPORTS", "UnrepresentableError", "export_all",
+           "export_clip_vision", "export_llama", "export_unet", "export_vae", "parts"]

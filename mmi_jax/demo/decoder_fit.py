@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mmi_jax.command_line import UsageError
 from mmi_jax.data import pipeline, shapes, tokenizer
 from mmi_jax.demo import fit_loop
 from mmi_jax.demo.llm_fit import LANGUAGE_PARAMS
@@ -51,7 +52,7 @@ def check_settings(settings: Any, where: str) -> None:
   """Raises ValueError naming a setting of a decoder fit's `settings` (the config section
   `where`) that cannot work."""
   if settings.context not in CONTEXTS:
-    raise ValueError(f"{where}.context must be one of {CONTEXTS}, got {settings.context!r}")
+    raise UsageError(f"{where}.context must be one of {CONTEXTS}, got {settings.context!r}")
   fit_loop.fit_schedule(settings, where)
 
 
@@ -148,7 +149,8 @@ def _context_source(config: Any, settings: Any, params: Any, rng: jax.Array
 
 
 def fit_image_decoder(config: Any, params: Any, rng: jax.Array, settings: Any, where: str,
-                      log: Callable[[str], None] = print) -> tuple[dict[str, Any], float]:
+                      log: Callable[[str], None] = print,
+                      record: fit_loop.Record | None = None) -> tuple[dict[str, Any], float]:
   """The fit itself: `settings.steps` Adam steps of the Q-Former, `neg_prompt_embeds`, the
   UNet and the context's trainable params on the diffusion loss.
 
@@ -184,13 +186,14 @@ def fit_image_decoder(config: Any, params: Any, rng: jax.Array, settings: Any, w
       "decoder fit", loss_fn, {"decoder": fitted, "context": trained_context},
       {"decoder": kept, "context": frozen_context},
       training_pairs(config, int(settings.batch_size)), steps=int(settings.steps),
-      optimizer=optax.adam(schedule), rng=rng, log=log, schedule=schedule)
+      optimizer=optax.adam(schedule), rng=rng, log=log, schedule=schedule, record=record)
   return dict(trained["context"], image_decoder=merge_fitted(trained["decoder"], kept)), (
       metrics["loss"])
 
 
 def fit_decoder(config: Any, params: Any, rng: jax.Array, settings: Any, where: str,
-                log: Callable[[str], None] = print) -> tuple[Any, dict[str, float]]:
+                log: Callable[[str], None] = print, record: fit_loop.Record | None = None
+                ) -> tuple[Any, dict[str, float]]:
   """`fit_image_decoder`, keeping what the model has (stand-in vectors are dropped).
 
   Args:
@@ -205,7 +208,7 @@ def fit_decoder(config: Any, params: Any, rng: jax.Array, settings: Any, where: 
     Q-Former, `neg_prompt_embeds` and UNet (and, for "llm", `context_feat_proj`) fitted in
     float32, and the fit's last error.
   """
-  trained, error = fit_image_decoder(config, params, rng, settings, where, log)
+  trained, error = fit_image_decoder(config, params, rng, settings, where, log, record)
   kept = {name: trained[name] for name in ("image_decoder", "context_feat_proj")
           if name in trained}
   return dict(params, **jax.device_get(kept)), {"decoder_fit_error": error}

@@ -14,8 +14,12 @@ from typing import Any, Callable, Iterator
 import jax
 import optax
 
+from mmi_jax.command_line import UsageError
+
 SCHEDULES = ("constant", "cosine")
 LOG_EVERY = 100  # steps between log lines (and the first and last step)
+RECORD_EVERY = 10  # steps between the scalars given to `record` (and the last step)
+Record = Callable[[int, dict[str, float]], None]
 
 # `(trained, frozen, batch, key) -> (loss, {name: scalar})`.
 LossFn = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -33,13 +37,13 @@ def fit_schedule(settings: Any, where: str) -> optax.Schedule:
     warmup = min(int(settings.warmup_steps), steps)
     return optax.warmup_cosine_decay_schedule(0.0, rate, warmup, max(steps, warmup + 1),
                                               end_value=0.02 * rate)
-  raise ValueError(f"{where}.schedule must be one of {SCHEDULES}, got {settings.schedule!r}")
+  raise UsageError(f"{where}.schedule must be one of {SCHEDULES}, got {settings.schedule!r}")
 
 
 def fit(name: str, loss_fn: LossFn, trained: Any, frozen: Any, batches: Iterator[Any], *,
         steps: int, optimizer: optax.GradientTransformation, rng: jax.Array,
-        log: Callable[[str], None], schedule: optax.Schedule | None = None
-        ) -> tuple[Any, dict[str, float]]:
+        log: Callable[[str], None], schedule: optax.Schedule | None = None,
+        record: Record | None = None) -> tuple[Any, dict[str, float]]:
   """`steps` optimizer steps of `trained` on `loss_fn`, one jitted program for all.
 
   Args:
@@ -54,6 +58,8 @@ def fit(name: str, loss_fn: LossFn, trained: Any, frozen: Any, batches: Iterator
     log: receives a line every `LOG_EVERY` steps and at the last: the loss, aux, learning
       rate (with `schedule`), steps per second and the time left.
     schedule: the optimizer's learning rate, for the log.
+    record: receives `(step, {loss, aux..., learning_rate})` every `RECORD_EVERY` steps and
+      at the last (steps counted from 1): the fit's curves (`MetricsLog.scalars`).
   Returns:
     `(trained, metrics)`: the fitted params (device arrays) and the last step's `loss` and
     aux as floats.
@@ -65,12 +71,18 @@ def fit(name: str, loss_fn: LossFn, trained: Any, frozen: Any, batches: Iterator
     updates, opt_state = optimizer.update(grads, opt_state, trained)
     return optax.apply_updates(trained, updates), opt_state, dict(aux, loss=loss)
 
+  log(f"{name}: {steps} steps; compiling its step")
   opt_state = optimizer.init(trained)
   metrics: dict[str, Any] = {"loss": float("nan")}
   started = time.perf_counter()
   for index in range(steps):
     trained, opt_state, metrics = step(trained, opt_state, frozen, next(batches),
                                        jax.random.fold_in(rng, index))
+    if record is not None and ((index + 1) % RECORD_EVERY == 0 or index == steps - 1):
+      values = {key: float(value) for key, value in metrics.items()}
+      if schedule is not None:
+        values["learning_rate"] = float(schedule(index))
+      record(index + 1, values)
     if index % LOG_EVERY == 0 or index == steps - 1:
       values = ", ".join(f"{key} {float(metrics[key]):.5f}"
                          for key in ["loss", *sorted(set(metrics) - {"loss"})])
@@ -85,4 +97,4 @@ def fit(name: str, loss_fn: LossFn, trained: Any, frozen: Any, batches: Iterator
   return trained, {key: float(value) for key, value in metrics.items()}
 
 
-__all__ = ["LOG_EVERY", "SCHEDULES", "fit", "fit_schedule"]
+__all__ = ["LOG_EVERY", "RECORD_EVERY", "Record", "SCHEDULES", "fit", "fit_schedule"]

@@ -1,15 +1,16 @@
 """The demo's held-out evaluation on the built-in shapes documents, as a training-loop extension.
 
   * Caption accuracy: each held-out document's first picture is shown as `<s> soi <|image|>...`
-    and the model decodes greedily (KV cache, MMFS active: `mmi_jax.generate.decoding.greedy_decode`)
-    until `</s>` or soi; a caption counts when its words equal the picture's caption exactly.
-    Per-attribute accuracies (shape, colour, background word) are reported too.
+    and the model decodes greedily (KV cache, MMFS active:
+    `mmi_jax.generate.decoding.greedy_decode`) until `</s>` or soi; a caption counts when its
+    words equal the picture's caption exactly. Per-attribute accuracies (shape, colour,
+    background word) are reported too.
   * Picture colour: the model draws the picture for `<s> caption soi` (the release's
     inference: the LLM's hidden states up to the soi condition the image decoder, sampled with
-    classifier-free guidance, `mmi_jax.generate.image_generation`); it counts when the colour most of the
-    shape's pixels are nearest to is the caption's (`shapes.classify_colour`). The same count on
-    the VAE's reconstructions of the real pictures (encoded to the latent mean, decoded) is
-    what the diffusion model could at best reach with this VAE.
+    classifier-free guidance, `mmi_jax.generate.image_generation`); it counts when the colour
+    most of the shape's pixels are nearest to is the caption's (`shapes.classify_colour`). The
+    same count on the VAE's reconstructions of the real pictures (encoded to the latent mean,
+    decoded) is what the diffusion model could at best reach with this VAE.
 
 `Evaluator` compiles each function once, when first called or ahead of time (`compile_ahead`,
 which the training loop runs in a background thread while it trains); its calls are
@@ -24,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import os
+import time
 from typing import Any, Callable
 
 import jax
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from mmi_jax import sharding
 from mmi_jax.data import packing, pipeline, shapes
@@ -61,17 +63,40 @@ def caption_words(ids: np.ndarray, tokenizer: Any, tokens: mm_inputs.TokenIds) -
   return tokenizer.decode(ids)
 
 
-def image_grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
-  """Pictures `[H, W, 3]` (uint8) laid out in rows, on white."""
-  height, width = rows[0][0].shape[:2]
-  columns = max(len(row) for row in rows)
-  grid = np.full((len(rows) * (height + pad) + pad, columns * (width + pad) + pad, 3), 255,
-                 np.uint8)
-  for r, row in enumerate(rows):
-    for c, picture in enumerate(row):
-      top, left = pad + r * (height + pad), pad + c * (width + pad)
-      grid[top:top + height, left:left + width] = picture
-  return grid
+GRID_PAD = 2  # pixels between the grid's pictures
+GRID_HEADER = 16  # pixels of the column titles above the first row
+GRID_COLUMNS = ("real", "VAE", "drawn")
+GRID_TEXT_WIDTH = 260  # pixels of each row's caption and verdict
+
+
+def grid_tile(grid: np.ndarray, row: int, column: int, size: int) -> np.ndarray:
+  """The picture of `row` and `column` (0: real, 1: VAE, 2: drawn) of a `labelled_grid`."""
+  top = GRID_HEADER + row * (size + GRID_PAD)
+  left = GRID_PAD + column * (size + GRID_PAD)
+  return grid[top:top + size, left:left + size]
+
+
+def labelled_grid(triples: list[list[np.ndarray]], captions: list[str],
+                  verdicts: list[str]) -> np.ndarray:
+  """One row per caption: its real picture, the VAE's reconstruction of it and the drawn
+  picture (`[size, size, 3]` uint8 each) under the column titles, then the caption and
+  `verdicts[i]` ("colour right" ...) in text; on white, `[height, width, 3]` uint8."""
+  size = triples[0][0].shape[0]
+  pictures_width = GRID_PAD + len(GRID_COLUMNS) * (size + GRID_PAD)
+  grid = np.full((GRID_HEADER + len(triples) * (size + GRID_PAD),
+                  pictures_width + GRID_TEXT_WIDTH, 3), 255, np.uint8)
+  for row, triple in enumerate(triples):
+    for column, picture in enumerate(triple):
+      grid_tile(grid, row, column, size)[...] = picture
+  image = Image.fromarray(grid)
+  draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+  for column, title in enumerate(GRID_COLUMNS):
+    draw.text((GRID_PAD + column * (size + GRID_PAD) + 1, 2), title, fill=(0, 0, 0), font=font)
+  for row, (caption, verdict) in enumerate(zip(captions, verdicts)):
+    top = GRID_HEADER + row * (size + GRID_PAD)
+    draw.text((pictures_width + 4, top + 2), caption, fill=(0, 0, 0), font=font)
+    draw.text((pictures_width + 4, top + size // 2 + 2), verdict, fill=(90, 90, 90), font=font)
+  return np.asarray(image)
 
 
 class Evaluator:
@@ -222,7 +247,8 @@ class Evaluator:
 
   def pictures(self, params: Any, rng: jax.Array) -> tuple[dict[str, Any], np.ndarray]:
     """Generated pictures of held-out captions and the VAE's reconstructions of the real ones:
-    their colour accuracies and a grid (uint8) of (real, reconstructed, generated) triples."""
+    their colour accuracies and a labelled grid (uint8): a row of (real, reconstructed,
+    drawn) per caption, with the caption and whether each colour is right (`labelled_grid`)."""
     batch = self.generation_batch()
     size = self.config.model.image_decoder.image_size
     real = np.stack([shapes.render(scene, size) for scene in self.generation_scenes])
@@ -235,12 +261,14 @@ class Evaluator:
     to_uint8 = lambda images: (images * 255).round().astype(np.uint8)  # noqa: E731
     generated, reconstructed = to_uint8(generated), to_uint8(reconstructed)
     triples = [list(images) for images in zip(real, reconstructed, generated)]
-    per_row = 4
-    grid_rows = [sum(triples[i:i + per_row], []) for i in range(0, len(triples), per_row)]
-    results = {"picture_colour_accuracy": float(np.mean(self._colour_hits(generated))),
-               "reconstruction_colour_accuracy": float(np.mean(self._colour_hits(reconstructed))),
-               "picture_captions": [shapes.caption_of(s) for s in self.generation_scenes]}
-    return results, image_grid(grid_rows)
+    drawn_hits, vae_hits = self._colour_hits(generated), self._colour_hits(reconstructed)
+    captions = [shapes.caption_of(s) for s in self.generation_scenes]
+    verdicts = [f"colour: drawn {'right' if drawn else 'wrong'}, VAE {'right' if vae else 'wrong'}"
+                for drawn, vae in zip(drawn_hits, vae_hits)]
+    results = {"picture_colour_accuracy": float(np.mean(drawn_hits)),
+               "reconstruction_colour_accuracy": float(np.mean(vae_hits)),
+               "picture_captions": captions}
+    return results, labelled_grid(triples, captions, verdicts)
 
   def __call__(self, params: Any, rng: jax.Array, step: int, workdir: str | None
                ) -> dict[str, Any]:
@@ -287,11 +315,17 @@ class ShapesEvaluation(Extension):
     self._evaluator_of(run).compile_ahead(run.setup.abstract_state().all_params(), run.worker)
 
   def evaluate(self, run: Run, params: Any, step: int) -> dict[str, Any]:
+    settings, started = self.config.shapes_eval, time.perf_counter()
+    pictures = settings.generation_documents if run.setup.model.image_decoder is not None else 0
+    run.logger.log(f"evaluating step {step}: {settings.caption_documents} captions decoded, "
+                   f"{pictures} pictures drawn ({settings.generation_steps} sampler steps each)")
     results = self._evaluator_of(run)(params, run.rngs.key("shapes_evaluation", step), step,
                                       run.workdir)
     if "picture_grid" in results:
       run.logger.image(step, "eval/pictures", np.asarray(Image.open(results["picture_grid"])))
+    run.logger.log(f"evaluated step {step} in {time.perf_counter() - started:.0f} s")
     return results
 
 
-__all__ = ["Evaluator", "ShapesEvaluation", "caption_words", "held_out_scenes", "image_grid"]
+__all__ = ["Evaluator", "GRID_COLUMNS", "ShapesEvaluation", "caption_words", "grid_tile",
+           "held_out_scenes", "labelled_grid"]

@@ -8,7 +8,8 @@ through the trained, frozen LLM (`after_training`, `decoder_fit_after_training`)
 was trained on a frozen text encoder's states. A config selects it in
 `config.train.extensions`; each fit's settings are in `config.stand_ins` (`settings()`), and a
 fit with `steps = 0` does not run. The fits of the image decoder's parts run only for a model
-that has one.
+that has one. Each fit logs its progress (rate, time left) and writes its curves to the job's
+`metrics.jsonl` (split: the fit's name) and TensorBoard.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from mmi_jax.demo.llm_fit import fit_llm
 from mmi_jax.demo.vae_fit import fit_vae
 from mmi_jax.demo.vision_fit import fit_vision_encoder
 from mmi_jax.train.extensions import Extension, Run
-from mmi_jax.train.optimizer import split_params
 from mmi_jax.train.train_state import TrainState
+from mmi_jax.trainable import split_params
 
 
 class StandIns(Extension):
@@ -75,20 +76,23 @@ class StandIns(Extension):
     if settings.vision_fit.steps:
       params = jax.device_get(params)
       params["visual_tokenizer"], stats = fit_vision_encoder(
-          config, params["visual_tokenizer"], run.rngs.key("vision_fit"), log=log)
+          config, params["visual_tokenizer"], run.rngs.key("vision_fit"), log=log,
+          record=_recorder(run, "vision_fit"))
       log(f"vision encoder fitted: {stats}")
     if settings.vae_fit.steps and self._has_image_decoder:
       params = jax.device_get(params)
       decoder = params["image_decoder"]["decoder"]
-      decoder["vae"], stats = fit_vae(config, decoder["vae"], run.rngs.key("vae_fit"), log=log)
+      decoder["vae"], stats = fit_vae(config, decoder["vae"], run.rngs.key("vae_fit"), log=log,
+                                      record=_recorder(run, "vae_fit"))
       log(f"vae fitted: {stats}")
     if settings.llm_fit.steps:
-      params, stats = fit_llm(config, jax.device_get(params), run.rngs.key("llm_fit"), log=log)
+      params, stats = fit_llm(config, jax.device_get(params), run.rngs.key("llm_fit"), log=log,
+                              record=_recorder(run, "llm_fit"))
       log(f"llm fitted: {stats}")
     if settings.decoder_fit.steps and self._has_image_decoder:
       params, stats = decoder_fit.fit_decoder(
           config, jax.device_get(params), run.rngs.key("decoder_fit"), settings.decoder_fit,
-          "stand_ins.decoder_fit", log=log)
+          "stand_ins.decoder_fit", log=log, record=_recorder(run, "decoder_fit"))
       log(f"image decoder fitted: {stats}")
     return params
 
@@ -101,7 +105,8 @@ class StandIns(Extension):
     fitted, stats = decoder_fit.fit_decoder(
         self.config, params, run.rngs.key("decoder_fit_after_training"),
         decoder_fit.after_training_settings(self.config),
-        "stand_ins.decoder_fit_after_training", log=run.logger.log)
+        "stand_ins.decoder_fit_after_training", log=run.logger.log,
+        record=_recorder(run, "decoder_fit_after_training"))
     run.logger.log(f"image decoder fitted after training: {stats}")
     # Back in each param's own dtype (the fit works in float32) and placement.
     fitted = jax.tree.map(lambda new, old: np.asarray(new, old.dtype), fitted, params)
@@ -109,6 +114,11 @@ class StandIns(Extension):
     shardings = run.setup.state_shardings
     return state.replace(params=jax.device_put(trainable, shardings.params),
                          frozen=jax.device_put(frozen, shardings.frozen))
+
+
+def _recorder(run: Run, fit: str) -> fit_loop.Record:
+  """A fit's curves in the job's `metrics.jsonl` (split `fit`) and TensorBoard (`fit/...`)."""
+  return lambda step, values: run.logger.scalars(step, values, fit)
 
 
 __all__ = ["StandIns"]

@@ -42,7 +42,8 @@ def training_pictures(config: Any, batch_size: int) -> Iterator[tuple[np.ndarray
 
 
 def fit_vision_encoder(config: Any, tokenizer_params: Any, rng: jax.Array,
-                       log: Callable[[str], None] = print) -> tuple[Any, dict[str, float]]:
+                       log: Callable[[str], None] = print,
+                       record: fit_loop.Record | None = None) -> tuple[Any, dict[str, float]]:
   """`config.stand_ins.vision_fit.steps` AdamW steps of the encoder and attribute classifiers.
 
   Args:
@@ -82,7 +83,7 @@ def fit_vision_encoder(config: Any, tokenizer_params: Any, rng: jax.Array,
   trained, metrics = fit_loop.fit(
       "vision fit", loss_fn, {"encoder": params["encoder"], "classifiers": classifiers}, others,
       training_pictures(config, int(settings.batch_size)), steps=int(settings.steps),
-      optimizer=optimizer, rng=rng, log=log)
+      optimizer=optimizer, rng=rng, log=log, record=record)
   stats = {f"vision_fit_{name}": value for name, value in metrics.items()}
   return jax.device_get(dict(others, encoder=trained["encoder"])), stats
 

@@ -54,12 +54,14 @@ class Checkpoints:
     manager: the `ocp.CheckpointManager`.
   """
 
-  def __init__(self, workdir: str | os.PathLike, config: Any):
+  def __init__(self, workdir: str | os.PathLike, config: Any, *, read_only: bool = False):
+    """`read_only`: restores only; nothing is created, saved or deleted (an evaluation)."""
     train = config.train
     self._config = config
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(int(train.checkpoint_every), 1),
-        max_to_keep=int(train.keep_checkpoints), enable_async_checkpointing=True, create=True)
+        max_to_keep=int(train.keep_checkpoints), enable_async_checkpointing=True,
+        create=not read_only, read_only=read_only)
     self.directory = os.path.join(os.fspath(workdir), "checkpoints")
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data", "model"))
@@ -109,6 +111,12 @@ class Checkpoints:
         state=ocp.args.StandardRestore(setup.abstract_state()),
         data=grain.checkpoint.CheckpointRestore(data_iterator)))
     return restored["state"]
+
+  def restore_state(self, setup: TrainSetup, step: int) -> TrainState:
+    """The train state of `step` alone (not the data position), in `setup`'s shardings."""
+    self.check_architecture(step)
+    return self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(setup.abstract_state())))["state"]
 
   def wait(self) -> None:
     """Blocks until the asynchronous saves have been written."""

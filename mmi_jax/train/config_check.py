@@ -16,6 +16,7 @@ import difflib
 from typing import Any
 
 from configs import mmi_13b
+from mmi_jax.command_line import UsageError
 from mmi_jax.train.extensions import extension_classes
 
 
@@ -55,7 +56,7 @@ def check_config_keys(config: Any) -> None:
       close = difflib.get_close_matches(key, known | declared, n=1)
       lines.append(f"{key}" + (f" (did you mean {close[0]}?)" if close else ""))
     lines += [f"{key} is missing (its extension reads it)" for key in missing]
-    raise ValueError("config: unknown or missing settings (configs/mmi_13b.py and the "
+    raise UsageError("config: unknown or missing settings (configs/mmi_13b.py and the "
                      "sections of config.train.extensions define them):\n  "
                      + "\n  ".join(lines))
 

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Mapping
 
 import ml_collections
 
+from mmi_jax.command_line import UsageError
 from mmi_jax.train.background import Worker
 from mmi_jax.train.metrics_log import MetricsLog
 from mmi_jax.train.rng_streams import RngStreams
@@ -97,12 +98,16 @@ def extension_classes(config: Any) -> list[type[Extension]]:
     module_name, _, class_name = str(name).rpartition(".")
     try:
       module = importlib.import_module(module_name)
-    except ImportError as error:
-      raise ValueError(f"config.train.extensions: {name!r} cannot be imported "
+    except ModuleNotFoundError as error:
+      # A module the name names is missing (a mistake in the config); anything else that
+      # fails while the module is imported is the module's own error.
+      if not error.name or not module_name.startswith(error.name):
+        raise
+      raise UsageError(f"config.train.extensions: {name!r} cannot be imported "
                        f"({error})") from error
     found = getattr(module, class_name, None)
     if not (isinstance(found, type) and issubclass(found, Extension)):
-      raise ValueError(f"config.train.extensions: {name!r} is not an "
+      raise UsageError(f"config.train.extensions: {name!r} is not an "
                        f"mmi_jax.train.extensions.Extension subclass")
     classes.append(found)
   return classes

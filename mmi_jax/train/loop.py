@@ -14,7 +14,8 @@
   3. runs `train.steps` optimizer steps, each on `gradient_accumulation_steps` batches of
      this process's rows, assembled into global arrays split over the batch axes
      (`batches.global_batch`);
-  4. logs step, losses, learning rate, steps/s and examples/s every `train.log_every` steps
+  4. logs step, losses, learning rate, steps/s, examples/s and the time left every
+     `train.log_every` steps
      (`metrics_log`: stdout, `workdir/metrics.jsonl`, TensorBoard), saves asynchronously every
      `train.checkpoint_every` steps, and every `train.eval_every` steps runs the extensions'
      `evaluate`;
@@ -39,6 +40,7 @@ import jax
 import numpy as np
 
 from mmi_jax import sharding
+from mmi_jax.command_line import UsageError
 from mmi_jax.convert import release
 from mmi_jax.data import pipeline
 from mmi_jax.train import background, config_check
@@ -46,11 +48,12 @@ from mmi_jax.train.batches import check_batch, global_batch
 from mmi_jax.train.checkpoints import Checkpoints
 from mmi_jax.train.extensions import Run, extension_classes, rng_tables
 from mmi_jax.train.metrics_log import MetricsLog
-from mmi_jax.train.optimizer import merge_params
+from mmi_jax.train.optimizer import learning_rate_schedule
 from mmi_jax.train.preemption import Preemption
 from mmi_jax.train.rng_streams import CORE_STREAMS, RngStreams
 from mmi_jax.train.train_state import TrainSetup, TrainState
 from mmi_jax.train.train_step import lower_train_step
+from mmi_jax.trainable import merge_params
 
 
 def initial_params(run: Run, extensions: list) -> dict[str, Any]:
@@ -62,7 +65,10 @@ def initial_params(run: Run, extensions: list) -> dict[str, Any]:
     params = release.load(config.train.init_checkpoint, config.model,
                           dtype=np.dtype(config.model.param_dtype))
   else:
+    started = time.perf_counter()
+    run.logger.log("initialising the params (on CPUs op by op: a minute or two)")
     params = setup.init_params(run.rngs.key("params"))
+    run.logger.log(f"params initialised in {time.perf_counter() - started:.0f} s")
   for extension in extensions:
     params = extension.prepare_params(run, params)
   shardings = setup.state_shardings
@@ -78,7 +84,8 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
   train = config.train
   accumulation = int(train.gradient_accumulation_steps)
   if accumulation < 1:
-    raise ValueError(f"train.gradient_accumulation_steps must be >= 1, got {accumulation}")
+    raise UsageError(f"train.gradient_accumulation_steps must be >= 1, got {accumulation}")
+  learning_rate_schedule(train)  # its settings are checked before anything is built
   rngs = RngStreams(config.seed, ("the training core", CORE_STREAMS), *rng_tables(extensions))
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
@@ -90,6 +97,7 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
   train_data = pipeline.make_dataset(config, "train", process_index=process,
                                      process_count=processes)
   example = global_batch([train_data[0][0]], mesh)
+  logger.log("building the model, the optimizer and their shardings")
   setup = TrainSetup.create(config, mesh, example,
                             image_slots=pipeline.image_slots_per_row(config.data))
   iterator = iter(train_data)
@@ -102,6 +110,9 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
   # Programs are lowered here from shapes alone and compiled in the background while the
   # params are initialised, prepared or restored.
   leading = (accumulation,) if accumulation > 1 else ()
+  logger.log("compiling the train step in the background" + (
+      " (minutes on a CPU; XLA may print 'Very slow compile?' meanwhile: that is this compile "
+      "taking its time, not an error)" if jax.devices()[0].platform == "cpu" else ""))
   compiling = run.worker.submit(lower_train_step(setup, jax.tree.map(
       lambda leaf: jax.ShapeDtypeStruct(leading + leaf.shape, leaf.dtype), example),
       accumulation).compile)
@@ -155,10 +166,12 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
                        examples_per_second=window_steps * rows_per_step / elapsed,
                        skipped_documents=skipped_total)
         logger.scalars(step, metrics)
+        left = (train.steps - step) / metrics["steps_per_second"]
         logger.log(f"step {step}/{train.steps}: loss {metrics['loss']:.4f} "
                    f"loss_txt {metrics['loss_txt']:.4f} loss_img {metrics['loss_img']:.4f} "
                    f"lr {metrics['learning_rate']:.2e} {metrics['steps_per_second']:.2f} "
-                   f"steps/s {metrics['examples_per_second']:.1f} examples/s")
+                   f"steps/s {metrics['examples_per_second']:.1f} examples/s, "
+                   f"{left:.0f} s left")
         window_start, window_steps = time.perf_counter(), 0
       if step == train.steps:
         break  # saved after the extensions' `after_training`
@@ -178,6 +191,10 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
     results = evaluate(state)
   checkpoints.close()
   results["skipped_documents"] = skipped_total
+  if skipped_total:
+    logger.log(f"skipped_documents {skipped_total}: training documents the data pipeline left "
+               "out because they did not fit a row (too many tokens or pictures for its "
+               "sequence length or image slots; mmi_jax.data.packing), counted, not trained on")
   if process == 0:
     with open(os.path.join(workdir, "results.json"), "w") as file:
       json.dump({"step": int(state.step), **results}, file, indent=1)

@@ -5,7 +5,8 @@ HF Trainer 4.31, `mm_pretrain.yaml`, DeepSpeed ZeRO-1 with `gradient_clipping: a
 
   * only trainable params are optimized (`trainable_mask`: the release's frozen set, SPEC 9,
     with `config.train.unfreeze` / `freeze` applied); the train step differentiates only
-    w.r.t. them (`split_params` / `merge_params`), so frozen params have no optimizer state;
+    w.r.t. them (`mmi_jax.trainable.split_params` / `merge_params`), so frozen params
+    have no optimizer state;
   * groups (`param_groups`): the first `config.train.param_groups` pattern that is a substring
     of the param's release state-dict name (`mmi_jax.param_names.release_name`) picks the group's
     learning rate and weight decay (None: the default); unmatched params use the defaults;
@@ -22,13 +23,13 @@ Gradient accumulation (the average of micro-batch gradients) belongs to the trai
 
   params = ...                                   # the whole model's params
   mask = trainable_mask(params, config)
-  trainable, frozen = split_params(params, mask)
+  trainable, frozen = trainable_lib.split_params(params, mask)
   decay = release_weight_decay_mask(config.model)
   tx = make_optimizer(config, trainable, decay)
   state = tx.init(trainable)
   updates, state = tx.update(grads, state, trainable)   # grads: like `trainable`
   trainable = optax.apply_updates(trainable, updates)
-  params = merge_params(trainable, frozen)
+  params = trainable_lib.merge_params(trainable, frozen)
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from flax import traverse_util
 
 from mmi_jax import trainable as trainable_lib
 from mmi_jax.batch import example_batch
+from mmi_jax.command_line import UsageError
 from mmi_jax.models.mm_interleaved import MMInterleaved, frozen_param_patterns
 from mmi_jax.models.norms import ChannelsFirstLayerNorm
 from mmi_jax.param_names import release_name
@@ -59,7 +61,7 @@ def _compile_all(patterns: Sequence[str], paths: Sequence[str], what: str) -> li
   compiled = [re.compile(p) for p in patterns]
   for pattern in compiled:
     if not any(pattern.search(path) for path in paths):
-      raise ValueError(f"{what} pattern {pattern.pattern!r} matches no param path "
+      raise UsageError(f"{what} pattern {pattern.pattern!r} matches no param path "
                        f"(paths look like {paths[0]!r})")
   return compiled
 
@@ -80,25 +82,6 @@ def trainable_mask(params: Any, config: Mapping[str, Any]) -> dict[str, Any]:
     trains = trains or any(p.search(joined) for p in unfreeze)
     mask[path] = trains and not any(p.search(joined) for p in freeze)
   return traverse_util.unflatten_dict(mask)
-
-
-def split_params(params: Any, mask: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-  """`(trainable, frozen)`: the leaves of `params` where `mask` is True / False, as nested
-  dicts (boxed leaves stay boxed)."""
-  flat, selected = traverse_util.flatten_dict(params), _flat(mask)
-  trainable = {path: leaf for path, leaf in flat.items() if selected[path]}
-  frozen = {path: leaf for path, leaf in flat.items() if not selected[path]}
-  return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
-
-
-def merge_params(trainable: Any, frozen: Any) -> dict[str, Any]:
-  """The inverse of `split_params`: one nested dict with the leaves of both."""
-  flat = traverse_util.flatten_dict(trainable)
-  other = traverse_util.flatten_dict(frozen)
-  overlap = flat.keys() & other.keys()
-  if overlap:
-    raise ValueError(f"params in both trees: {sorted('/'.join(p) for p in overlap)[:5]}")
-  return traverse_util.unflatten_dict({**flat, **other})
 
 
 # --- weight decay ----------------------------------------------------------------------------
@@ -168,7 +151,7 @@ def group_settings(train_config: Mapping[str, Any]) -> dict[str, tuple[float, fl
   groups = {}
   for pattern, lr, wd in train_config["param_groups"]:
     if pattern in groups or pattern == DEFAULT_GROUP:
-      raise ValueError(f"param group pattern {pattern!r} is repeated or reserved")
+      raise UsageError(f"train.param_groups: pattern {pattern!r} is repeated or reserved")
     groups[pattern] = (float(lr), float(train_config["weight_decay"] if wd is None else wd))
   groups[DEFAULT_GROUP] = (float(train_config["learning_rate"]),
                            float(train_config["weight_decay"]))
@@ -189,7 +172,7 @@ def param_groups(params: Any, config: Mapping[str, Any], *, check: bool = True
   if check:
     unused = [p for p in patterns if p not in labels.values()]
     if unused:
-      raise ValueError(f"param group patterns {unused} match no param's release name "
+      raise UsageError(f"train.param_groups: patterns {unused} match no param's release name "
                        f"(names look like {release_name(next(iter(labels)))!r})")
   return traverse_util.unflatten_dict(labels)
 
@@ -199,10 +182,12 @@ def learning_rate_schedule(train_config: Mapping[str, Any]) -> optax.Schedule:
   `get_cosine_schedule_with_warmup(warmup_steps, num_training_steps=steps)`, 0 at step 0,
   linear to 1 at `warmup_steps`, half a cosine down to 0 at `steps` (and 0 after)."""
   if train_config.get("schedule", "cosine") != "cosine":
-    raise ValueError(f"unknown schedule {train_config['schedule']!r} (only 'cosine')")
+    raise UsageError(f"train.schedule: unknown schedule {train_config['schedule']!r} "
+                     "(only 'cosine')")
   warmup, steps = int(train_config["warmup_steps"]), int(train_config["steps"])
   if not 0 <= warmup < steps:
-    raise ValueError(f"need 0 <= warmup_steps < steps, got {warmup} and {steps}")
+    raise UsageError(f"train.warmup_steps {warmup} and train.steps {steps}: need 0 <= "
+                     "warmup_steps < steps")
   return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=1.0,
                                             warmup_steps=warmup, decay_steps=steps)
 
@@ -225,7 +210,8 @@ def _restrict(tree: Any, paths: Sequence[Path], what: str) -> dict[str, Any]:
 
 def make_optimizer(config: Mapping[str, Any], trainable_params: Any, decay_mask: Any,
                    labels: Any = None) -> optax.GradientTransformation:
-  """The release's optimizer over the trainable params (the tree `split_params` returns).
+  """The release's optimizer over the trainable params (the tree
+  `mmi_jax.trainable.split_params` returns).
 
   Args:
     config: the whole config; reads `config.train` (`learning_rate`, `weight_decay`,
@@ -265,6 +251,6 @@ def make_optimizer(config: Mapping[str, Any], trainable_params: Any, decay_mask:
 
 
 __all__ = ["DEFAULT_GROUP", "group_learning_rates", "group_settings", "learning_rate_schedule",
-           "make_optimizer", "merge_params", "mirrors_torch_layer_norm", "param_groups",
-           "param_owners", "release_weight_decay_mask", "split_params", "trainable_mask",
+           "make_optimizer", "mirrors_torch_layer_norm", "param_groups",
+           "param_owners", "release_weight_decay_mask", "trainable_mask",
            "weight_decay_mask"]

@@ -24,6 +24,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmi_jax import sharding
+from mmi_jax import trainable as trainable_lib
 from mmi_jax.models.batch import Batch
 from mmi_jax.models.mm_interleaved import MMInterleaved
 from mmi_jax.train import optimizer as optimizer_lib
@@ -55,7 +56,7 @@ class TrainState:
 
   def all_params(self) -> dict[str, Any]:
     """The whole model's params (trainable and frozen merged)."""
-    return optimizer_lib.merge_params(self.params, self.frozen)
+    return trainable_lib.merge_params(self.params, self.frozen)
 
 
 def training_model(config: Mapping[str, Any], image_slots: int | None = None) -> MMInterleaved:
@@ -147,10 +148,10 @@ class TrainSetup:
     mask = optimizer_lib.trainable_mask(abstract, config)
     optimizer_lib.param_groups(abstract, config)  # every group pattern must match a param
     decay = optimizer_lib.weight_decay_mask(model, example)
-    trainable, frozen = optimizer_lib.split_params(nn.meta.unbox(abstract), mask)
+    trainable, frozen = trainable_lib.split_params(nn.meta.unbox(abstract), mask)
     optimizer = optimizer_lib.make_optimizer(config, trainable, decay)
     param_shardings = sharding.param_shardings(abstract, mesh)
-    trainable_shardings, frozen_shardings = optimizer_lib.split_params(param_shardings, mask)
+    trainable_shardings, frozen_shardings = trainable_lib.split_params(param_shardings, mask)
     abstract_opt_state = jax.eval_shape(optimizer.init, trainable)
     replicated = NamedSharding(mesh, PartitionSpec())
     shardings = TrainState(
@@ -164,7 +165,7 @@ class TrainSetup:
   def abstract_state(self) -> TrainState:
     """The state as shape structs carrying their shardings (Orbax restores into these)."""
     params = nn.meta.unbox(self.abstract_params)
-    trainable, frozen = optimizer_lib.split_params(params, self.trainable_mask)
+    trainable, frozen = trainable_lib.split_params(params, self.trainable_mask)
     state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable,
                        frozen=frozen, opt_state=jax.eval_shape(self.optimizer.init, trainable),
                        rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
@@ -175,7 +176,7 @@ class TrainSetup:
   def state_from_params(self, params: Any, rng: jax.Array) -> TrainState:
     """A fresh state (step 0, new optimizer state) around the whole model's `params`
     (arrays already placed by `param_shardings`, or host arrays); runs under jit."""
-    trainable, frozen = optimizer_lib.split_params(params, self.trainable_mask)
+    trainable, frozen = trainable_lib.split_params(params, self.trainable_mask)
 
     def create(trainable, frozen, rng):
       return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, frozen=frozen,
@@ -193,7 +194,7 @@ class TrainSetup:
     On CPUs, where XLA compiles the ~10^3 initializer kernels of the whole model in minutes,
     the params are made by `lazy_init` (the initializers alone, op by op) and then placed.
     """
-    shardings = optimizer_lib.merge_params(self.state_shardings.params,
+    shardings = trainable_lib.merge_params(self.state_shardings.params,
                                            self.state_shardings.frozen)
     if self.mesh.devices.flat[0].platform == "cpu":
       params = nn.meta.unbox(self.model.lazy_init({"params": rng}, self.example_batch)["params"])

@@ -24,6 +24,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mmi_jax import sharding
+from mmi_jax import trainable as trainable_lib
 from mmi_jax.models.batch import Batch
 from mmi_jax.train import optimizer as optimizer_lib
 from mmi_jax.train.train_state import TrainSetup, TrainState, batch_shardings
@@ -35,7 +36,7 @@ def micro_batch_loss(setup: TrainSetup, trainable: Any, frozen: Any, batch: Batc
                      rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The training loss of one micro-batch and its metrics (float32 scalars)."""
   diffusion_rng, dropout_rng = jax.random.split(rng)
-  params = optimizer_lib.merge_params(trainable, frozen)
+  params = trainable_lib.merge_params(trainable, frozen)
   out = setup.model.apply({"params": params}, batch, rng=diffusion_rng, deterministic=False,
                           rngs={"dropout": dropout_rng})
   return out["loss"], {name: out[name].astype(jnp.float32) for name in METRICS}
@@ -118,5 +119,5 @@ def compile_train_step(setup: TrainSetup, batch: Batch, accumulation: int = 1
   return lower_train_step(setup, batch, accumulation).compile()
 
 
-__all__ = ["METRICS", "compile_train_step", "loss_and_grads", "lower_train_step", "micro_batch_loss",
-           "train_step"]
+__all__ = ["METRICS", "compile_train_step", "loss_and_grads", "lower_train_step",
+           "micro_batch_loss", "train_step"]
