@@ -2,7 +2,8 @@
 
 `--help` (or `-h`) prints the command's usage and its flags and exits 0. A mistake in the
 command line or in the config it names ends the command with one line on stderr that names
-the mistake, and exit code 2 (`UsageError`), before anything is built or written.
+the mistake, and exit code 2 (`UsageError`). The commands check their settings before the long
+work (compiles, fits, training) starts.
 """
 
 from __future__ import annotations
