@@ -35,7 +35,15 @@ DEMO = "--config=configs/demo.py"
     ("mmi_jax.train", [DEMO, "--workdir=WORKDIR", "--mode=eval"], 2,
      "error: --workdir: WORKDIR/checkpoints does not exist (no training run here)"),
     ("mmi_jax.train", [DEMO, "--workdir=WORKDIR", "--config.train.steps=4"], 2,
-     "error: train.warmup_steps 40 and train.steps 4: need 0 <= warmup_steps < steps"),
+     "error: train.warmup_steps 40 must be below train.steps 4"),
+    ("mmi_jax.train", [DEMO, "--workdir=WORKDIR", "--config.train.keep_checkpoints=0"], 2,
+     "error: train.keep_checkpoints must be an integer >= 1, got 0"),
+    ("mmi_jax.train", [DEMO, "--workdir=WORKDIR", "--config.train.log_every=0",
+                       "--config.data.batch_size=-2"], 2,
+     "error: train.log_every must be an integer >= 1, got 0; data.batch_size must be an "
+     "integer >= 1, got -2"),
+    ("mmi_jax.train", [DEMO, "--workdir=WORKDIR", "--config.data.sequence_length=8"], 2,
+     "error: data: the first training batch holds no document, every one was skipped"),
     ("mmi_jax.train", [DEMO, "--workdir=WORKDIR", "--config.train.extensions=('no.Such',)"], 2,
      "error: config.train.extensions: 'no.Such' cannot be imported"),
     ("mmi_jax.convert", ["--help"], 0, "jax-to-release SRC DST --config=... [--step=N]"),
@@ -61,4 +69,5 @@ def test_a_command_answers_help_and_names_a_mistake_in_one_line(tmp_path, module
     # At most the line a job starts with (the checks of the config's extensions come after).
     assert done.stdout.count("\n") <= 1 and done.stderr.count("\n") == 1, done.stderr[-2000:]
     assert done.stderr.startswith(f"python -m {module}: error: ") and message in done.stderr
-  assert not os.path.exists(workdir)
+  # Nothing written, but for the lock of a run that held the workdir before it stopped.
+  assert not os.path.exists(workdir) or os.listdir(workdir) == ["run.lock"]

@@ -26,12 +26,13 @@ from mmi_jax.convert import __main__ as convert_cli
 from mmi_jax.convert import release
 from mmi_jax.data import pipeline
 from mmi_jax.train import checkpoints as checkpoints_lib
-from mmi_jax.train import config_check, extensions
+from mmi_jax.train import config_check, extensions, loop
 from mmi_jax.train import optimizer as optimizer_lib
 from mmi_jax.train.batches import check_batch, global_batch
 from mmi_jax.train.preemption import Preemption
 from mmi_jax.train.rng_streams import CORE_STREAMS, RngStreams
 from mmi_jax.train.train_step import loss_and_grads
+from mmi_jax.train.workdir_lock import WorkdirLock
 from training_cases import (LLM_LAYERS, TEXT_ONLY_GROUP, WHOLE_MODEL_GROUP, flat, leaves,
                             run_steps,
                             setup_for, small_config, text_only_params, two_whole_model_steps)
@@ -322,6 +323,18 @@ def test_a_sigterm_while_the_loop_runs_is_a_flag_that_stops_it():
     os.kill(os.getpid(), signal.SIGTERM)
     assert preemption.requested and preemption.any_process()
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_second_run_on_a_held_workdir_is_refused_naming_the_holder(tmp_path):
+  """The lock is held from the first run's start to its end (or its process's); a run
+  started meanwhile stops before it builds anything."""
+  with WorkdirLock(str(tmp_path)):
+    with pytest.raises(command_line.UsageError, match=rf"--workdir: {tmp_path} is in use by "
+                       rf"another run \(pid {os.getpid()} on .* since .*\)"):
+      loop.train_and_evaluate(small_config("text_only"), str(tmp_path), log=print)
+    assert os.listdir(tmp_path) == ["run.lock"]
+  with WorkdirLock(str(tmp_path)):  # released: the next run takes it
+    pass
 
 
 def test_a_batch_whose_image_tokens_disagree_with_its_images_is_refused():

@@ -61,4 +61,36 @@ def check_config_keys(config: Any) -> None:
                      + "\n  ".join(lines))
 
 
-__all__ = ["check_config_keys", "flat_keys", "release_keys"]
+# (key, lowest value) of the training core's integer settings.
+INTEGER_SETTINGS = (
+    ("train.steps", 1), ("train.log_every", 1), ("train.checkpoint_every", 1),
+    # 0 would have Orbax keep no checkpoint at all (its `max_to_keep=0`).
+    ("train.keep_checkpoints", 1), ("train.eval_every", 0),
+    ("train.gradient_accumulation_steps", 1), ("train.warmup_steps", 0),
+    ("data.batch_size", 1), ("data.sequence_length", 2), ("data.documents_per_row", 1),
+    ("data.max_images_per_sequence", 0), ("data.train_documents", 1),
+    ("data.held_out_documents", 0),
+)
+
+
+def check_settings(config: Any) -> None:
+  """Raises UsageError naming every training-core setting out of its range (integers below
+  their lowest value, `train.warmup_steps >= train.steps`, a learning rate <= 0)."""
+  problems = []
+  for key, lowest in INTEGER_SETTINGS:
+    section, name = key.split(".")
+    value = config[section][name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+      problems.append(f"{key} must be an integer >= {lowest}, got {value!r}")
+  train = config.train
+  if not problems and train.warmup_steps >= train.steps:
+    problems.append(f"train.warmup_steps {train.warmup_steps} must be below train.steps "
+                    f"{train.steps}")
+  if not float(train.learning_rate) > 0:
+    problems.append(f"train.learning_rate must be > 0, got {train.learning_rate!r}")
+  if problems:
+    raise UsageError("; ".join(problems))
+
+
+__all__ = ["INTEGER_SETTINGS", "check_config_keys", "check_settings", "flat_keys",
+           "release_keys"]

@@ -2,10 +2,11 @@
 
 `train_and_evaluate(config, workdir)`:
 
-  1. checks the config's keys and builds the extensions it selects
-     (`config.train.extensions`, `mmi_jax.train.extensions`), which check their settings,
-     before it writes anything; builds the mesh (`config.mesh`), the model, the optimizer and
-     the state's shardings (`TrainSetup`);
+  1. checks the config's keys and settings (`config_check`) and builds the extensions it
+     selects (`config.train.extensions`, `mmi_jax.train.extensions`), which check theirs,
+     before it writes anything; holds the workdir (`workdir_lock`: one run per workdir);
+     refuses data whose first batch holds no document; builds the mesh (`config.mesh`), the
+     model, the optimizer and the state's shardings (`TrainSetup`);
   2. lowers the train step from shapes alone and compiles it in a background thread
      (`background`), as the extensions do their programs (`compile_ahead`); meanwhile it
      restores the latest checkpoint of `workdir` (state and data position; refused if it is
@@ -31,6 +32,7 @@ Random draws come from named streams of `config.seed` (`rng_streams`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -53,6 +55,7 @@ from mmi_jax.train.preemption import Preemption
 from mmi_jax.train.rng_streams import CORE_STREAMS, RngStreams
 from mmi_jax.train.train_state import TrainSetup, TrainState
 from mmi_jax.train.train_step import lower_train_step
+from mmi_jax.train.workdir_lock import WorkdirLock
 from mmi_jax.trainable import merge_params
 
 
@@ -80,23 +83,38 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
   """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the final
   evaluation (or `{"preempted": step}` after a SIGTERM)."""
   config_check.check_config_keys(config)
+  config_check.check_settings(config)
   extensions = [extension(config) for extension in extension_classes(config)]
+  learning_rate_schedule(config.train)
+  rngs = RngStreams(config.seed, ("the training core", CORE_STREAMS), *rng_tables(extensions))
+  with contextlib.ExitStack() as held:
+    if jax.process_index() == 0:
+      held.enter_context(WorkdirLock(workdir))
+    return _train_and_evaluate(config, workdir, extensions, rngs, log)
+
+
+def _train_and_evaluate(config: Any, workdir: str, extensions: list, rngs: RngStreams,
+                        log: Callable[[str], None]) -> dict[str, Any]:
+  """`train_and_evaluate` once its settings are checked and the workdir is held."""
   train = config.train
   accumulation = int(train.gradient_accumulation_steps)
-  if accumulation < 1:
-    raise UsageError(f"train.gradient_accumulation_steps must be >= 1, got {accumulation}")
-  learning_rate_schedule(train)  # its settings are checked before anything is built
-  rngs = RngStreams(config.seed, ("the training core", CORE_STREAMS), *rng_tables(extensions))
+  process, processes = jax.process_index(), jax.process_count()
+  train_data = pipeline.make_dataset(config, "train", process_index=process,
+                                     process_count=processes)
+  first_batch, first_stats = train_data[0]
+  if not np.any(first_batch.attention_mask):
+    raise UsageError(
+        f"data: the first training batch holds no document, every one was skipped "
+        f"({first_stats.get('reasons')}): data.sequence_length {config.data.sequence_length} "
+        f"and data.max_images_per_sequence {config.data.max_images_per_sequence} leave no room "
+        "for a document")
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config.mesh)
-  process, processes = jax.process_index(), jax.process_count()
   logger = MetricsLog(workdir, log)
   logger.log(f"{config.name}: {processes} process(es), mesh {dict(mesh.shape)}, "
              f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
 
-  train_data = pipeline.make_dataset(config, "train", process_index=process,
-                                     process_count=processes)
-  example = global_batch([train_data[0][0]], mesh)
+  example = global_batch([first_batch], mesh)
   logger.log("building the model, the optimizer and their shardings")
   setup = TrainSetup.create(config, mesh, example,
                             image_slots=pipeline.image_slots_per_row(config.data))
