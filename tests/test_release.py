@@ -4,6 +4,7 @@ and the command line."""
 from __future__ import annotations
 
 import json
+import re
 
 import ml_dtypes
 import numpy as np
@@ -152,6 +153,30 @@ def test_a_truncated_checkpoint_fails_with_a_clear_message(tmp_path, tiny_params
   (tmp_path / "broken.bin").write_bytes(b"PK\x03\x04 not really a zip")
   with pytest.raises(checkpoint_files.CheckpointFileError, match="broken.bin"):
     release.load(tmp_path / "broken.bin", TINY, progress=False)
+
+
+def test_a_tensor_of_another_kind_and_a_shard_outside_the_checkpoint_are_refused(tmp_path,
+                                                                                tiny_params):
+  """Every loader reads through `params_from_state_dict` and `open_checkpoint`: an integer or
+  bool tensor for a float param (or the reverse) is named, not cast; an index whose shard
+  path leaves the checkpoint's directory is refused before anything is read."""
+  (file,) = release.save(tiny_params, TINY, tmp_path / "kinds", progress=False)
+  tensors = {key: checkpoint_files.open_checkpoint(file)[key]
+             for key in checkpoint_files.open_checkpoint(file).keys()}
+  float_key = next(key for key, value in tensors.items() if value.dtype == np.float32)
+  tensors[float_key] = tensors[float_key].astype(np.int32)
+  checkpoint_files.write_checkpoint(tmp_path / "kinds", tensors.items())
+  with pytest.raises(ConversionError, match=rf"{re.escape(float_key)}: file int32 \(integer\) "
+                     r"for a float32 param"):
+    release.load(tmp_path / "kinds", TINY, progress=False)
+  outside = tmp_path / "outside.safetensors"
+  outside.write_bytes(file.read_bytes())
+  index = tmp_path / "escape" / "model.safetensors.index.json"
+  index.parent.mkdir()
+  index.write_text(json.dumps({"weight_map": {float_key: "../outside.safetensors"}}))
+  with pytest.raises(checkpoint_files.CheckpointFileError,
+                     match=r"shard '\.\./outside\.safetensors' .* leaves"):
+    release.load(index, TINY, progress=False)
 
 
 def test_saving_params_of_another_architecture_names_the_differences(tmp_path, tiny_params):

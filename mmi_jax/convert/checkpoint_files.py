@@ -125,6 +125,11 @@ class CheckpointReader:
         raise ValueError(f"{self.path}: an index json needs a 'weight_map'")
       self._shard_of = {key: self.path.parent / shard
                         for key, shard in index["weight_map"].items()}
+      directory = self.path.parent.resolve()
+      for key, shard in index["weight_map"].items():
+        if not (directory / shard).resolve().is_relative_to(directory):
+          raise CheckpointFileError(f"{self.path}: shard {shard!r} (of {key}) leaves the "
+                                    f"checkpoint's directory {directory}")
     else:
       self._shard_of = None
       self._single = _open_file(self.path)

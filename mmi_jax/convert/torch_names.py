@@ -8,7 +8,8 @@ kernels:
     holds for transposed convolutions built with `transpose_kernel=True`.
 
 `params_from_state_dict` fills an abstract param tree from a state dict and reports every
-missing key, unexpected key and shape mismatch together.
+missing key, unexpected key, shape mismatch and kind mismatch (an integer or bool tensor for a
+float param, or the reverse: never cast) together.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -75,7 +77,7 @@ def params_from_state_dict(abstract_params: Any, tensors: Mapping[str, Any] | An
   """
   ignore_patterns = [re.compile(pattern) for pattern in ignore]
   available = set(tensors.keys())
-  missing, mismatched, used = [], [], set()
+  missing, mismatched, wrong_kind, used = [], [], [], set()
   flat = {}
   for path, leaf in traverse_util.flatten_dict(nn.meta.unbox(abstract_params)).items():
     key = torch_name(path, prefix)
@@ -89,13 +91,17 @@ def params_from_state_dict(abstract_params: Any, tensors: Mapping[str, Any] | An
       mismatched.append(f"{key}: file {tuple(array.shape)} (in Flax layout), "
                         f"model {tuple(leaf.shape)}")
       continue
+    if _kind(array.dtype) != _kind(leaf.dtype):
+      wrong_kind.append(f"{key}: file {array.dtype} ({_kind(array.dtype)}) for a "
+                        f"{np.dtype(leaf.dtype)} param ({_kind(leaf.dtype)}): not cast")
+      continue
     flat[path] = array.astype(leaf.dtype, order="C")
   unexpected = sorted(
       key for key in available - used
       if key.startswith(prefix) and not any(p.search(key) for p in ignore_patterns))
   problems = []
   for title, items in (("missing", missing), ("unexpected", unexpected),
-                       ("shape mismatch", mismatched)):
+                       ("shape mismatch", mismatched), ("kind mismatch", wrong_kind)):
     if items:
       shown = "\n    ".join(items[:50]) + (f"\n    ... {len(items) - 50} more"
                                             if len(items) > 50 else "")
@@ -104,6 +110,16 @@ def params_from_state_dict(abstract_params: Any, tensors: Mapping[str, Any] | An
     raise ConversionError(f"{source} does not match the model (prefix {prefix!r}):\n"
                           + "\n".join(problems))
   return traverse_util.unflatten_dict(flat)
+
+
+def _kind(dtype: Any) -> str:
+  """"float" (bfloat16 included), "integer", "bool" or "other": what a cast may not change."""
+  dtype = np.dtype(dtype)
+  if dtype == np.bool_:
+    return "bool"
+  if jnp.issubdtype(dtype, jnp.floating):
+    return "float"
+  return "integer" if jnp.issubdtype(dtype, jnp.integer) else "other"
 
 
 def check_same_tree(tree: Any, abstract: Any, what: str, against: str) -> dict[tuple, Any]:
