@@ -1,7 +1,8 @@
 """A training extension that records which extension points the loop calls, and when.
 
 `RecordedCalls` (`config.train.extensions`) appends one JSON line per call to
-`workdir/extension_calls.jsonl` (process 0): the point's name and the step it sees.
+`workdir/extension_calls.jsonl` (process 0): the point's name and the step it sees. With the
+environment variable `MMI_JAX_TEST_FAIL_IN=evaluate` its evaluation raises.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from mmi_jax.train.train_state import TrainState
 
 NAME = "recording_extension.RecordedCalls"
 FILE = "extension_calls.jsonl"
+FAIL_VARIABLE = "MMI_JAX_TEST_FAIL_IN"  # "evaluate": the evaluation raises (after the last save)
 
 
 class RecordedCalls(Extension):
@@ -39,6 +41,8 @@ class RecordedCalls(Extension):
 
   def evaluate(self, run: Run, params: Any, step: int) -> dict[str, Any]:
     self._record(run, "evaluate", step)
+    if os.environ.get(FAIL_VARIABLE) == "evaluate":
+      raise RuntimeError(f"evaluate fails, as {FAIL_VARIABLE} asks")
     return {"recorded_evaluations": 1.0}
 
 

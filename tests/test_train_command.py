@@ -143,6 +143,28 @@ def test_evaluating_a_saved_step_leaves_the_run_as_it_was(straight_run, cache_di
   assert snapshot() == before
 
 
+def test_a_failure_after_the_last_save_leaves_that_save_committed(tmp_path, cache_dir,
+                                                                   straight_run):
+  """The evaluation after the last step raises: the command fails with that error, and the
+  last step's save (asynchronous, started before it) is on disk, whole, with the straight
+  run's params."""
+  straight_workdir, _ = straight_run
+  done = subprocess.run(
+      command(tmp_path, 6, "--config.shapes_eval.caption_documents=2",
+              "--config.shapes_eval.max_caption_tokens=3"),
+      cwd=ROOT, capture_output=True, text=True, timeout=900,
+      env=dict(environment(cache_dir, 1), **{recording_extension.FAIL_VARIABLE: "evaluate"}))
+  assert done.returncode != 0 and "evaluate fails" in done.stderr, done.stderr[-3000:]
+  assert "6" in os.listdir(tmp_path / "checkpoints")
+  assert not [name for name in os.listdir(tmp_path / "checkpoints") if "tmp" in name]
+  config = straight_run_config()
+  setup = one_device_setup(config)
+  want = checkpoint_params(setup, config, straight_workdir, 6)
+  got = checkpoint_params(setup, config, tmp_path, 6)
+  for path in want:
+    np.testing.assert_array_equal(got[path], want[path], err_msg=path)
+
+
 def free_port() -> int:
   with socket.socket() as probe:
     probe.bind(("localhost", 0))

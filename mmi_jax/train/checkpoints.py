@@ -63,6 +63,7 @@ class Checkpoints:
         max_to_keep=int(train.keep_checkpoints), enable_async_checkpointing=True,
         create=not read_only, read_only=read_only)
     self.directory = os.path.join(os.fspath(workdir), "checkpoints")
+    self._closed = False
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data", "model"))
 
@@ -123,6 +124,11 @@ class Checkpoints:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for the saves under way to be committed and closes the manager (once; later
+    calls do nothing)."""
+    if self._closed:
+      return
+    self._closed = True
     self.manager.wait_until_finished()
     self.manager.close()
 

@@ -90,12 +90,14 @@ def train_and_evaluate(config: Any, workdir: str, *, log: Callable[[str], None] 
   with contextlib.ExitStack() as held:
     if jax.process_index() == 0:
       held.enter_context(WorkdirLock(workdir))
-    return _train_and_evaluate(config, workdir, extensions, rngs, log)
+    return _train_and_evaluate(config, workdir, extensions, rngs, log, held)
 
 
 def _train_and_evaluate(config: Any, workdir: str, extensions: list, rngs: RngStreams,
-                        log: Callable[[str], None]) -> dict[str, Any]:
-  """`train_and_evaluate` once its settings are checked and the workdir is held."""
+                        log: Callable[[str], None], held: contextlib.ExitStack
+                        ) -> dict[str, Any]:
+  """`train_and_evaluate` once its settings are checked and the workdir is held; what it
+  must finish whatever happens (the checkpoints' pending saves) goes on `held`."""
   train = config.train
   accumulation = int(train.gradient_accumulation_steps)
   process, processes = jax.process_index(), jax.process_count()
@@ -120,6 +122,8 @@ def _train_and_evaluate(config: Any, workdir: str, extensions: list, rngs: RngSt
                             image_slots=pipeline.image_slots_per_row(config.data))
   iterator = iter(train_data)
   checkpoints = Checkpoints(workdir, config)
+  # A save under way is committed even when what follows it fails (an evaluation's error).
+  held.callback(checkpoints.close)
   latest = checkpoints.latest_step()
   if latest is not None:
     checkpoints.check_architecture(latest)
