@@ -23,11 +23,13 @@ from typing import Any
 import grain
 import orbax.checkpoint as ocp
 
+from mmi_jax.command_line import UsageError
 from mmi_jax.train.train_state import TrainSetup, TrainState
 
 
-class ArchitectureMismatchError(ValueError):
-  """The workdir's checkpoint is of another model than the config's."""
+class ArchitectureMismatchError(UsageError):
+  """The workdir's checkpoint is of another model than the config's (a command stops on it
+  with its message, not a traceback)."""
 
 
 def model_description(config: Any) -> dict[str, Any]:
