@@ -38,7 +38,7 @@ def main(workdir: str) -> None:
   data = pipeline.make_dataset(config, "train")
   setup = TrainSetup.create(config, mesh, global_batch([data[0][0]], mesh),
                             image_slots=pipeline.image_slots_per_row(config.data))
-  params = Checkpoints(workdir, config).restore(setup, iter(data)).all_params()
+  params = Checkpoints(workdir, config).restore(setup, iter(data)).state.all_params()
   model, decoder = setup.model, setup.model.image_decoder
   variables = {"params": params["image_decoder"]}
   evaluator = Evaluator(config, model, mesh)

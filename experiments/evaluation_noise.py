@@ -38,7 +38,7 @@ def main() -> None:
   setup = TrainSetup.create(config, mesh, global_batch([data[0][0]], mesh),
                             image_slots=pipeline.image_slots_per_row(config.data))
   checkpoints = Checkpoints(args.workdir, config)
-  state = checkpoints.restore(setup, iter(data), args.step)
+  state = checkpoints.restore(setup, iter(data), args.step).state
   step = int(state.step)
   evaluator = Evaluator(config, setup.model, mesh)
   streams = RngStreams(config.seed, ("core", CORE_STREAMS),

@@ -1,14 +1,22 @@
-"""A training extension that records which extension points the loop calls, and when.
+"""A training extension that records which extension points the loop calls, and when; and that
+can fail or be stopped at one of them, for the tests of what a job does then.
 
 `RecordedCalls` (`config.train.extensions`) appends one JSON line per call to
-`workdir/extension_calls.jsonl` (process 0): the point's name and the step it sees. With the
-environment variable `MMI_JAX_TEST_FAIL_IN=evaluate` its evaluation raises.
+`workdir/extension_calls.jsonl` (process 0): the point's name and the step it sees.
+Environment variables:
+  * `MMI_JAX_TEST_FAIL_IN=evaluate`: its evaluation raises;
+  * `MMI_JAX_TEST_STOP_IN=point:SIGNAL` (`prepare_params:SIGINT`, `after_training:SIGTERM`,
+    `evaluate:SIGTERM`): at that point the process sends itself the signal, then works on as
+    a long phase does, checking `run.preemption` after each tenth of a second, for at most
+    30 s (it raises if the stop goes unnoticed).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from typing import Any
 
 import jax
@@ -19,6 +27,7 @@ from mmi_jax.train.train_state import TrainState
 NAME = "recording_extension.RecordedCalls"
 FILE = "extension_calls.jsonl"
 FAIL_VARIABLE = "MMI_JAX_TEST_FAIL_IN"  # "evaluate": the evaluation raises (after the last save)
+STOP_VARIABLE = "MMI_JAX_TEST_STOP_IN"  # "point:SIGNAL": a stop asked for during that point
 
 
 class RecordedCalls(Extension):
@@ -27,6 +36,13 @@ class RecordedCalls(Extension):
     if jax.process_index() == 0:
       with open(os.path.join(run.workdir, FILE), "a") as file:
         file.write(json.dumps({"point": point, "step": step}) + "\n")
+    stop_point, _, signal_name = os.environ.get(STOP_VARIABLE, "").partition(":")
+    if stop_point == point:
+      os.kill(os.getpid(), signal.Signals[signal_name])
+      for _ in range(300):
+        run.preemption.check(f"the recording extension's {point}")
+        time.sleep(0.1)
+      raise RuntimeError(f"{signal_name} during {point} went unnoticed for 30 s")
 
   def compile_ahead(self, run: Run) -> None:
     self._record(run, "compile_ahead")

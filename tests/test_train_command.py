@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -143,26 +144,105 @@ def test_evaluating_a_saved_step_leaves_the_run_as_it_was(straight_run, cache_di
   assert snapshot() == before
 
 
-def test_a_failure_after_the_last_save_leaves_that_save_committed(tmp_path, cache_dir,
-                                                                   straight_run):
-  """The evaluation after the last step raises: the command fails with that error, and the
-  last step's save (asynchronous, started before it) is on disk, whole, with the straight
-  run's params."""
-  straight_workdir, _ = straight_run
-  done = subprocess.run(
-      command(tmp_path, 6, "--config.shapes_eval.caption_documents=2",
-              "--config.shapes_eval.max_caption_tokens=3"),
-      cwd=ROOT, capture_output=True, text=True, timeout=900,
-      env=dict(environment(cache_dir, 1), **{recording_extension.FAIL_VARIABLE: "evaluate"}))
-  assert done.returncode != 0 and "evaluate fails" in done.stderr, done.stderr[-3000:]
-  assert "6" in os.listdir(tmp_path / "checkpoints")
-  assert not [name for name in os.listdir(tmp_path / "checkpoints") if "tmp" in name]
+def saved_steps(workdir, name: str = "checkpoints") -> list[int]:
+  directory = os.path.join(workdir, name)
+  return sorted(int(entry) for entry in os.listdir(directory)
+                if entry.isdigit()) if os.path.isdir(directory) else []
+
+
+def test_a_run_killed_stopped_and_failing_in_every_phase_ends_as_the_straight_run(
+    tmp_path, cache_dir, straight_run):
+  """One workdir through what ends jobs, each time resumed by the same command: Ctrl-C while
+  the params are prepared; kill -9 at random moments of training, twice; a SIGTERM in the work
+  after the last step (a second launch meanwhile is refused, naming the first); a failure in
+  the evaluation; a SIGTERM in the evaluation. Each stop ends the process cleanly, each
+  failure leaves the saves committed, and the last launch ends with the straight run's losses,
+  params (bit for bit) and results, skipped-document counts included."""
+  straight_workdir, straight_losses = straight_run
+  flags = ("--config.shapes_eval.caption_documents=2", "--config.shapes_eval.max_caption_tokens=3",
+           "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=2")
+
+  def launch(**variables: str) -> subprocess.Popen:
+    return subprocess.Popen(command(tmp_path, 6, *flags), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(environment(cache_dir, 1), **variables))
+
+  def finish(process: subprocess.Popen) -> tuple[int, str, str]:
+    stdout, stderr = process.communicate(timeout=600)
+    return process.returncode, stdout, stderr
+
+  def wait_for(condition, process, what: str) -> None:
+    deadline = time.monotonic() + 300
+    while not condition():
+      assert process.poll() is None, (what, *process.communicate())
+      assert time.monotonic() < deadline, f"{what}: not within 5 minutes"
+      time.sleep(0.05)
+
+  stop = recording_extension.STOP_VARIABLE
+  # Ctrl-C while the params are prepared: nothing to save yet.
+  code, stdout, stderr = finish(launch(**{stop: "prepare_params:SIGINT"}))
+  assert code == 0, stdout[-3000:] + stderr[-3000:]
+  assert ("SIGINT during the recording extension's prepare_params: stopped before the first "
+          "checkpoint; rerun to start again") in stdout
+  assert saved_steps(tmp_path) == []
+
+  # kill -9 at a random moment after step 2, then after step 4 (during a step or a save).
+  delays = []
+  for after_step in (2, 4):
+    process = launch()
+    wait_for(lambda: len(train_records(tmp_path)) and train_records(tmp_path)[-1]["step"] >=
+             after_step, process, f"step {after_step}")
+    delays.append(random.uniform(0.0, 0.6))
+    time.sleep(delays[-1])
+    assert process.poll() is None, process.communicate()
+    process.kill()
+    process.wait()
+  assert saved_steps(tmp_path), delays
+
+  # The rest of the training, and a SIGTERM in the work after the last step, once saved.
+  process = launch(**{stop: "after_training:SIGTERM"})
+  lock = tmp_path / "run.lock"
+  wait_for(lambda: lock.exists() and f"pid {process.pid} " in lock.read_text(), process,
+           "the lock")
+  second = subprocess.run(command(tmp_path, 6, *flags), cwd=ROOT, capture_output=True,
+                          text=True, env=environment(cache_dir, 1), timeout=300)
+  assert second.returncode == 2, second.stderr[-3000:]
+  assert f"error: --workdir: {tmp_path} is in use by another run (pid {process.pid} on " in (
+      second.stderr)
+  code, stdout, stderr = finish(process)
+  assert code == 0, stdout[-3000:] + stderr[-3000:]
+  assert (f"SIGTERM: saved step 6 to {tmp_path / 'checkpoints'}; rerun to resume (stopped "
+          "during the recording extension's after_training)") in stdout
+  assert 6 in saved_steps(tmp_path) and saved_steps(tmp_path, "after_training") == []
+
+  # A failure in the evaluation: the state after `after_training`, saved before it, stays.
+  code, stdout, stderr = finish(launch(**{recording_extension.FAIL_VARIABLE: "evaluate"}))
+  assert code != 0 and "evaluate fails" in stderr, stderr[-3000:]
+  assert os.listdir(tmp_path / "after_training") == ["6"]
+
+  # A SIGTERM in the evaluation: `after_training` is not run again.
+  code, stdout, stderr = finish(launch(**{stop: "evaluate:SIGTERM"}))
+  assert code == 0 and "stopped during the recording extension's evaluate" in stdout, (
+      stdout[-3000:] + stderr[-3000:])
+  assert not (tmp_path / "results.json").exists()
+
+  code, stdout, stderr = finish(launch())
+  assert code == 0, stdout[-3000:] + stderr[-3000:]
+  assert "compiling the train step" not in stdout  # nothing left to train
+  assert recording_extension.recorded_calls(tmp_path)[-9:] == [
+      ("compile_ahead", None), ("after_training", 6),  # stopped in after_training
+      ("compile_ahead", None), ("after_training", 6), ("evaluate", 6),  # failed in evaluate
+      ("compile_ahead", None), ("evaluate", 6),  # stopped in evaluate
+      ("compile_ahead", None), ("evaluate", 6)]
+  assert train_losses(tmp_path) == straight_losses, delays
+  with open(tmp_path / "results.json") as file, open(straight_workdir / "results.json") as want:
+    assert json.load(file) == json.load(want)
   config = straight_run_config()
   setup = one_device_setup(config)
   want = checkpoint_params(setup, config, straight_workdir, 6)
   got = checkpoint_params(setup, config, tmp_path, 6)
   for path in want:
-    np.testing.assert_array_equal(got[path], want[path], err_msg=path)
+    np.testing.assert_array_equal(got[path], want[path], err_msg=f"{path} {delays}")
 
 
 def free_port() -> int:

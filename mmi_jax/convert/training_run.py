@@ -3,7 +3,9 @@
 `python -m mmi_jax.train` saves step s of a run in `WORKDIR/checkpoints/s/` with Orbax; its
 item `state` is the `TrainState`, whose `params` (the trained params) and `frozen` (the
 others) together are the model's params (`mmi_jax.train.checkpoints`). Only those two are
-read, onto the host; the optimizer state, twice the params' size, is not.
+read, onto the host; the optimizer state, twice the params' size, is not. When the run's
+extensions changed the params after its last step (`after_training`), the state they left is
+in `WORKDIR/after_training/s/`, and that one is read for step s.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ def read_params(workdir: str, step: int | None = None) -> tuple[int, dict[str, A
   step = steps[-1] if step is None else step
   if step not in steps:
     raise ValueError(f"{workdir}: no checkpoint of step {step}; saved steps: {steps}")
-  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  path = os.path.join(workdir, "after_training", str(step), "state")
+  if not os.path.isdir(path):
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
   checkpointer = ocp.PyTreeCheckpointer()
   saved = checkpointer.metadata(path).item_metadata.tree
   wanted = {item: saved[item] for item in PARAM_ITEMS}

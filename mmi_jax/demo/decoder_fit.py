@@ -150,7 +150,9 @@ def _context_source(config: Any, settings: Any, params: Any, rng: jax.Array
 
 def fit_image_decoder(config: Any, params: Any, rng: jax.Array, settings: Any, where: str,
                       log: Callable[[str], None] = print,
-                      record: fit_loop.Record | None = None) -> tuple[dict[str, Any], float]:
+                      record: fit_loop.Record | None = None,
+                      check_stop: fit_loop.CheckStop | None = None
+                      ) -> tuple[dict[str, Any], float]:
   """The fit itself: `settings.steps` Adam steps of the Q-Former, `neg_prompt_embeds`, the
   UNet and the context's trainable params on the diffusion loss.
 
@@ -186,13 +188,15 @@ def fit_image_decoder(config: Any, params: Any, rng: jax.Array, settings: Any, w
       "decoder fit", loss_fn, {"decoder": fitted, "context": trained_context},
       {"decoder": kept, "context": frozen_context},
       training_pairs(config, int(settings.batch_size)), steps=int(settings.steps),
-      optimizer=optax.adam(schedule), rng=rng, log=log, schedule=schedule, record=record)
+      optimizer=optax.adam(schedule), rng=rng, log=log, schedule=schedule, record=record,
+      check_stop=check_stop)
   return dict(trained["context"], image_decoder=merge_fitted(trained["decoder"], kept)), (
       metrics["loss"])
 
 
 def fit_decoder(config: Any, params: Any, rng: jax.Array, settings: Any, where: str,
-                log: Callable[[str], None] = print, record: fit_loop.Record | None = None
+                log: Callable[[str], None] = print, record: fit_loop.Record | None = None,
+                check_stop: fit_loop.CheckStop | None = None
                 ) -> tuple[Any, dict[str, float]]:
   """`fit_image_decoder`, keeping what the model has (stand-in vectors are dropped).
 
@@ -208,7 +212,8 @@ def fit_decoder(config: Any, params: Any, rng: jax.Array, settings: Any, where: 
     Q-Former, `neg_prompt_embeds` and UNet (and, for "llm", `context_feat_proj`) fitted in
     float32, and the fit's last error.
   """
-  trained, error = fit_image_decoder(config, params, rng, settings, where, log, record)
+  trained, error = fit_image_decoder(config, params, rng, settings, where, log, record,
+                                    check_stop)
   kept = {name: trained[name] for name in ("image_decoder", "context_feat_proj")
           if name in trained}
   return dict(params, **jax.device_get(kept)), {"decoder_fit_error": error}

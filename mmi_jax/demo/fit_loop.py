@@ -20,6 +20,9 @@ SCHEDULES = ("constant", "cosine")
 LOG_EVERY = 100  # steps between log lines (and the first and last step)
 RECORD_EVERY = 10  # steps between the scalars given to `record` (and the last step)
 Record = Callable[[int, dict[str, float]], None]
+# Called after each step with where the fit is ("vae fit step 3/400"); raises to stop the fit
+# (the training job's `run.preemption.check`).
+CheckStop = Callable[[str], None]
 
 # `(trained, frozen, batch, key) -> (loss, {name: scalar})`.
 LossFn = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -43,7 +46,8 @@ def fit_schedule(settings: Any, where: str) -> optax.Schedule:
 def fit(name: str, loss_fn: LossFn, trained: Any, frozen: Any, batches: Iterator[Any], *,
         steps: int, optimizer: optax.GradientTransformation, rng: jax.Array,
         log: Callable[[str], None], schedule: optax.Schedule | None = None,
-        record: Record | None = None) -> tuple[Any, dict[str, float]]:
+        record: Record | None = None, check_stop: CheckStop | None = None
+        ) -> tuple[Any, dict[str, float]]:
   """`steps` optimizer steps of `trained` on `loss_fn`, one jitted program for all.
 
   Args:
@@ -60,6 +64,7 @@ def fit(name: str, loss_fn: LossFn, trained: Any, frozen: Any, batches: Iterator
     schedule: the optimizer's learning rate, for the log.
     record: receives `(step, {loss, aux..., learning_rate})` every `RECORD_EVERY` steps and
       at the last (steps counted from 1): the fit's curves (`MetricsLog.scalars`).
+    check_stop: called after each step; what it raises (`preemption.Stopped`) ends the fit.
   Returns:
     `(trained, metrics)`: the fitted params (device arrays) and the last step's `loss` and
     aux as floats.
@@ -94,7 +99,9 @@ def fit(name: str, loss_fn: LossFn, trained: Any, frozen: Any, batches: Iterator
         speed = index / elapsed
         timing = f"{speed:.1f} steps/s, {(steps - index - 1) / speed:.0f} s left"
       log(f"{name} {index + 1}/{steps}: {values}{rate} ({timing})")
+    if check_stop is not None:
+      check_stop(f"{name} step {index + 1}/{steps}")
   return trained, {key: float(value) for key, value in metrics.items()}
 
 
-__all__ = ["LOG_EVERY", "RECORD_EVERY", "Record", "SCHEDULES", "fit", "fit_schedule"]
+__all__ = ["CheckStop", "LOG_EVERY", "RECORD_EVERY", "Record", "SCHEDULES", "fit", "fit_schedule"]

@@ -54,7 +54,8 @@ def training_text(config: Any, batch_size: int) -> Iterator[tuple[np.ndarray, np
 
 
 def fit_llm(config: Any, params: Any, rng: jax.Array, log: Callable[[str], None] = print,
-            record: fit_loop.Record | None = None) -> tuple[Any, dict[str, float]]:
+            record: fit_loop.Record | None = None,
+            check_stop: fit_loop.CheckStop | None = None) -> tuple[Any, dict[str, float]]:
   """`config.stand_ins.llm_fit.steps` Adam steps of the LLM and its text head on the text loss.
 
   Args:
@@ -81,7 +82,7 @@ def fit_llm(config: Any, params: Any, rng: jax.Array, log: Callable[[str], None]
   trained, metrics = fit_loop.fit(
       "llm fit", loss_fn, trained, None, training_text(config, int(settings.batch_size)),
       steps=int(settings.steps), optimizer=optax.adam(float(settings.learning_rate)), rng=rng,
-      log=log, record=record)
+      log=log, record=record, check_stop=check_stop)
   return dict(params, **jax.device_get(trained)), {"llm_fit_text_loss": metrics["loss"]}
 
 

@@ -270,11 +270,14 @@ class Evaluator:
                "picture_captions": captions}
     return results, labelled_grid(triples, captions, verdicts)
 
-  def __call__(self, params: Any, rng: jax.Array, step: int, workdir: str | None
-               ) -> dict[str, Any]:
+  def __call__(self, params: Any, rng: jax.Array, step: int, workdir: str | None,
+               check_stop: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Both evaluations (each skipped when its document count is 0); writes the picture grid
-    to `workdir/samples/step_<step>.png`."""
+    to `workdir/samples/step_<step>.png`. `check_stop(where)` is called between them (it
+    raises to stop: the training job's `run.preemption.check`)."""
     results = self.captions(params) if self.caption_scenes else {}
+    if check_stop is not None:
+      check_stop(f"the captions of step {step}'s evaluation")
     if self.model.image_decoder is not None and self.generation_scenes:
       pictures, grid = self.pictures(params, rng)
       results.update(pictures)
@@ -320,7 +323,7 @@ class ShapesEvaluation(Extension):
     run.logger.log(f"evaluating step {step}: {settings.caption_documents} captions decoded, "
                    f"{pictures} pictures drawn ({settings.generation_steps} sampler steps each)")
     results = self._evaluator_of(run)(params, run.rngs.key("shapes_evaluation", step), step,
-                                      run.workdir)
+                                      run.workdir, check_stop=run.preemption.check)
     if "picture_grid" in results:
       run.logger.image(step, "eval/pictures", np.asarray(Image.open(results["picture_grid"])))
     run.logger.log(f"evaluated step {step} in {time.perf_counter() - started:.0f} s")

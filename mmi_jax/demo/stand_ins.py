@@ -77,22 +77,26 @@ class StandIns(Extension):
       params = jax.device_get(params)
       params["visual_tokenizer"], stats = fit_vision_encoder(
           config, params["visual_tokenizer"], run.rngs.key("vision_fit"), log=log,
-          record=_recorder(run, "vision_fit"))
+          record=_recorder(run, "vision_fit"),
+          check_stop=run.preemption.check)
       log(f"vision encoder fitted: {stats}")
     if settings.vae_fit.steps and self._has_image_decoder:
       params = jax.device_get(params)
       decoder = params["image_decoder"]["decoder"]
       decoder["vae"], stats = fit_vae(config, decoder["vae"], run.rngs.key("vae_fit"), log=log,
-                                      record=_recorder(run, "vae_fit"))
+                                      record=_recorder(run, "vae_fit"),
+                                      check_stop=run.preemption.check)
       log(f"vae fitted: {stats}")
     if settings.llm_fit.steps:
       params, stats = fit_llm(config, jax.device_get(params), run.rngs.key("llm_fit"), log=log,
-                              record=_recorder(run, "llm_fit"))
+                              record=_recorder(run, "llm_fit"),
+                              check_stop=run.preemption.check)
       log(f"llm fitted: {stats}")
     if settings.decoder_fit.steps and self._has_image_decoder:
       params, stats = decoder_fit.fit_decoder(
           config, jax.device_get(params), run.rngs.key("decoder_fit"), settings.decoder_fit,
-          "stand_ins.decoder_fit", log=log, record=_recorder(run, "decoder_fit"))
+          "stand_ins.decoder_fit", log=log, record=_recorder(run, "decoder_fit"),
+          check_stop=run.preemption.check)
       log(f"image decoder fitted: {stats}")
     return params
 
@@ -106,7 +110,8 @@ class StandIns(Extension):
         self.config, params, run.rngs.key("decoder_fit_after_training"),
         decoder_fit.after_training_settings(self.config),
         "stand_ins.decoder_fit_after_training", log=run.logger.log,
-        record=_recorder(run, "decoder_fit_after_training"))
+        record=_recorder(run, "decoder_fit_after_training"),
+        check_stop=run.preemption.check)
     run.logger.log(f"image decoder fitted after training: {stats}")
     # Back in each param's own dtype (the fit works in float32) and placement.
     fitted = jax.tree.map(lambda new, old: np.asarray(new, old.dtype), fitted, params)

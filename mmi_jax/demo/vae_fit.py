@@ -30,7 +30,8 @@ def training_pictures(config: Any, batch_size: int, seed: int = 0) -> Iterator[n
 
 
 def fit_vae(config: Any, vae_params: Any, rng: jax.Array,
-            log: Callable[[str], None] = print, record: fit_loop.Record | None = None
+            log: Callable[[str], None] = print, record: fit_loop.Record | None = None,
+            check_stop: fit_loop.CheckStop | None = None
             ) -> tuple[Any, dict[str, float]]:
   """`config.stand_ins.vae_fit.steps` Adam steps on `|decode(sample) - x|^2 + kl_weight * KL`.
 
@@ -66,7 +67,7 @@ def fit_vae(config: Any, vae_params: Any, rng: jax.Array,
   params, metrics = fit_loop.fit(
       "vae fit", loss_fn, params, None, training_pictures(config, int(settings.batch_size)),
       steps=int(settings.steps), optimizer=optax.adam(schedule), rng=rng, log=log, record=record,
-      schedule=schedule)
+      check_stop=check_stop, schedule=schedule)
   stats = {"vae_reconstruction_error": metrics["reconstruction_error"],
            "vae_latent_std": metrics["latent_std"]}
   return jax.device_get(params), stats

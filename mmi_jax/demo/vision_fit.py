@@ -43,7 +43,9 @@ def training_pictures(config: Any, batch_size: int) -> Iterator[tuple[np.ndarray
 
 def fit_vision_encoder(config: Any, tokenizer_params: Any, rng: jax.Array,
                        log: Callable[[str], None] = print,
-                       record: fit_loop.Record | None = None) -> tuple[Any, dict[str, float]]:
+                       record: fit_loop.Record | None = None,
+                       check_stop: fit_loop.CheckStop | None = None
+                       ) -> tuple[Any, dict[str, float]]:
   """`config.stand_ins.vision_fit.steps` AdamW steps of the encoder and attribute classifiers.
 
   Args:
@@ -83,7 +85,8 @@ def fit_vision_encoder(config: Any, tokenizer_params: Any, rng: jax.Array,
   trained, metrics = fit_loop.fit(
       "vision fit", loss_fn, {"encoder": params["encoder"], "classifiers": classifiers}, others,
       training_pictures(config, int(settings.batch_size)), steps=int(settings.steps),
-      optimizer=optimizer, rng=rng, log=log, record=record)
+      optimizer=optimizer, rng=rng, log=log, record=record,
+      check_stop=check_stop)
   stats = {f"vision_fit_{name}": value for name, value in metrics.items()}
   return jax.device_get(dict(others, encoder=trained["encoder"])), stats
 

@@ -1,7 +1,9 @@
 """Evaluating one saved step of a training run, without training or touching the run.
 
 `evaluate_step(config, workdir, step)` restores the train state of `step` (default: the
-latest) from `workdir/checkpoints` read-only, runs the `evaluate` of the extensions that
+latest) from `workdir/checkpoints` read-only (verified against its digests; for the last step,
+the state after the extensions' `after_training` from `workdir/after_training/` when it is
+there, the state the run's own final evaluation saw), runs the `evaluate` of the extensions that
 `config.train.extensions` selects, with the random draws of that step (the run's own
 evaluation at that step draws the same), and writes what it finds to
 `workdir/evaluations/step_<step>/`: `results.json`, `metrics.jsonl`, TensorBoard, and the
@@ -64,7 +66,13 @@ def evaluate_step(config: Any, workdir: str, step: int | None = None, *,
             worker=background.Worker(), logger=logger)
   for extension in extensions:
     extension.compile_ahead(run)
-  logger.log(f"evaluating step {step} of {workdir}")
+  finished = os.path.join(workdir, "after_training")
+  if os.path.isdir(os.path.join(finished, str(step))):
+    checkpoints.close()
+    checkpoints = Checkpoints(workdir, config, read_only=True, name="after_training")
+    logger.log(f"evaluating step {step} of {workdir} (after the extensions' after_training)")
+  else:
+    logger.log(f"evaluating step {step} of {workdir}")
   state = checkpoints.restore_state(setup, step)
   checkpoints.close()
   params, results = state.all_params(), {}

@@ -9,7 +9,9 @@ its constructor) and calls them, in the order named, at these points:
     the abstract state here and compile them on `run.worker` (in the background);
   * `prepare_params(run, params) -> params`: on a fresh start, after the params are
     initialised or loaded, before the first step (not when resuming);
-  * `after_training(run, state) -> state`: after the last step, before it is saved;
+  * `after_training(run, state) -> state`: after the last step has been saved; its result
+    is saved apart (`workdir/after_training/`), and a resumed job that finds it there
+    does not run this again;
   * `evaluate(run, params, step) -> {name: value}`: every `train.eval_every` steps and after
     the last.
 
@@ -31,6 +33,7 @@ import ml_collections
 from mmi_jax.command_line import UsageError
 from mmi_jax.train.background import Worker
 from mmi_jax.train.metrics_log import MetricsLog
+from mmi_jax.train.preemption import Preemption
 from mmi_jax.train.rng_streams import RngStreams
 from mmi_jax.train.train_state import TrainSetup, TrainState
 
@@ -46,6 +49,10 @@ class Run:
     rngs: the job's random streams (`rngs.key(name)` for the extension's own names).
     worker: the background thread that compiles (`background.Worker`).
     logger: log lines, scalars and images (stdout, `metrics.jsonl`, TensorBoard).
+    preemption: the job's stop requests (SIGTERM, SIGINT): a long phase calls
+      `run.preemption.check(where)` after each unit of its work (a fit step, a part of an
+      evaluation), which raises `preemption.Stopped` when the job is asked to stop; every
+      process of a job must check at the same points (`preemption`).
   """
 
   config: Any
@@ -54,6 +61,7 @@ class Run:
   rngs: RngStreams
   worker: Worker
   logger: MetricsLog
+  preemption: Preemption = dataclasses.field(default_factory=Preemption)
 
 
 class Extension:
