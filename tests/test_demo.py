@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import re
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ from mmi_jax.models.vae import AutoencoderKL, VAEConfig
 from mmi_jax.train import background, loop
 from mmi_jax.train.extensions import Run
 from mmi_jax.train.metrics_log import MetricsLog
+from mmi_jax.train.preemption import Preemption, Stopped
 from mmi_jax.train.rng_streams import CORE_STREAMS, RngStreams
 from random_params import random_params
 from training_cases import (TEXT_ONLY_GROUP, WHOLE_MODEL_GROUP, flat, leaves,
@@ -138,6 +140,24 @@ def test_a_fit_steps_at_its_schedule_s_rate():
     assert f"learning rate {rate}" in logged[1] and metrics["loss"] == 3.0
     moved = np.asarray(trained["w"])
     assert np.all(moved == 0) if name == "cosine" else np.all(moved > 0), (name, moved)
+
+  # A stop asked for during the fit (the training job's `run.preemption.check`) ends it after
+  # the step under way.
+  with Preemption() as preemption:
+    checked = []
+
+    def check_stop(where):
+      checked.append(where)
+      if len(checked) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+      preemption.check(where)
+
+    with pytest.raises(Stopped, match=r"SIGTERM during toy fit step 2/50"):
+      fit_loop.fit("toy fit", loss_fn, {"w": jnp.zeros(3)}, None,
+                   iter([np.ones(3, np.float32)] * 50), steps=50,
+                   optimizer=optax.adam(schedule), rng=jax.random.key(0), log=print,
+                   check_stop=check_stop)
+  assert checked == ["toy fit step 1/50", "toy fit step 2/50"]
 
 
 def test_an_unknown_fit_schedule_stops_the_training_command_at_once(tmp_path):

@@ -153,11 +153,12 @@ def saved_steps(workdir, name: str = "checkpoints") -> list[int]:
 def test_a_run_killed_stopped_and_failing_in_every_phase_ends_as_the_straight_run(
     tmp_path, cache_dir, straight_run):
   """One workdir through what ends jobs, each time resumed by the same command: Ctrl-C while
-  the params are prepared; kill -9 at random moments of training, twice; a SIGTERM in the work
-  after the last step (a second launch meanwhile is refused, naming the first); a failure in
-  the evaluation; a SIGTERM in the evaluation. Each stop ends the process cleanly, each
-  failure leaves the saves committed, and the last launch ends with the straight run's losses,
-  params (bit for bit) and results, skipped-document counts included."""
+  the params are prepared; kill -9 at random moments of training, twice; the newest
+  checkpoint's largest file cut short (the run falls back to the step before it); a SIGTERM in
+  the work after the last step (a second launch meanwhile is refused, naming the first); a
+  failure in the evaluation; a SIGTERM in the evaluation. Each stop ends the process cleanly,
+  each failure leaves the saves committed, and the last launch ends with the straight run's
+  losses, params (bit for bit) and results, skipped-document counts included."""
   straight_workdir, straight_losses = straight_run
   flags = ("--config.shapes_eval.caption_documents=2", "--config.shapes_eval.max_caption_tokens=3",
            "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=2")
@@ -197,7 +198,13 @@ def test_a_run_killed_stopped_and_failing_in_every_phase_ends_as_the_straight_ru
     assert process.poll() is None, process.communicate()
     process.kill()
     process.wait()
-  assert saved_steps(tmp_path), delays
+  saved = saved_steps(tmp_path)
+  assert len(saved) >= 2, (saved, delays)
+  # The newest step's largest file cut short (a disk that filled, a copy that stopped).
+  state_files = [os.path.join(root, name) for root, _, names in
+                 os.walk(tmp_path / "checkpoints" / str(saved[-1]) / "state") for name in names]
+  cut = max(state_files, key=os.path.getsize)
+  os.truncate(cut, os.path.getsize(cut) // 2)
 
   # The rest of the training, and a SIGTERM in the work after the last step, once saved.
   process = launch(**{stop: "after_training:SIGTERM"})
@@ -211,6 +218,10 @@ def test_a_run_killed_stopped_and_failing_in_every_phase_ends_as_the_straight_ru
       second.stderr)
   code, stdout, stderr = finish(process)
   assert code == 0, stdout[-3000:] + stderr[-3000:]
+  assert (f"checkpoint step {saved[-1]} is damaged and set aside: {tmp_path / 'checkpoints'}/"
+          f"{saved[-1]} cannot be read: ") in stdout, stdout[-3000:]
+  assert f"resumed from {tmp_path / 'checkpoints'} at step {saved[-2]}" in stdout
+  assert os.listdir(tmp_path / "damaged_checkpoints") == [str(saved[-1])]
   assert (f"SIGTERM: saved step 6 to {tmp_path / 'checkpoints'}; rerun to resume (stopped "
           "during the recording extension's after_training)") in stdout
   assert 6 in saved_steps(tmp_path) and saved_steps(tmp_path, "after_training") == []

@@ -10,6 +10,7 @@ in `WORKDIR/after_training/s/`, and that one is read for step s.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mmi_jax import integrity
 from mmi_jax.trainable import merge_params
 
 PARAM_ITEMS = ("params", "frozen")
@@ -55,7 +57,29 @@ def read_params(workdir: str, step: int | None = None) -> tuple[int, dict[str, A
       item=wanted, restore_args=jax.tree.map(
           lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted),
       partial_restore=True))
+  _verify(restored, os.path.join(os.path.dirname(path), "integrity", "metadata"))
   return step, merge_params(restored["params"], restored["frozen"])
+
+
+def _verify(restored: dict[str, Any], record_path: str) -> None:
+  """Compares the digests of the params read with those the run recorded when it saved them
+  (`mmi_jax.integrity`; a checkpoint from before the digests has none); ValueError naming
+  the arrays that differ or hold NaN or inf."""
+  if not os.path.exists(record_path):
+    return
+  with open(record_path) as file:
+    saved = json.load(file)["state"]
+  # The train state's paths are `.params[...]`, those of the dict read `['params'][...]`.
+  recorded = {path: digest for path, digest in saved.items()
+              if path.startswith(tuple(f".{item}[" for item in PARAM_ITEMS))}
+  found, nonfinite = integrity.array_digests(restored)
+  found = {"." + path[2:].replace("']", "", 1): digest for path, digest in found.items()}
+  problems = integrity.differences(recorded, found)
+  problems += [f"{path}: {count} NaN or inf" for path, count in nonfinite.items()]
+  if problems:
+    raise ValueError(f"{os.path.dirname(os.path.dirname(record_path))} is not what the run "
+                     f"saved: " + "; ".join(problems[:5]) +
+                     (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
 
 
 __all__ = ["is_training_run", "read_params", "saved_steps"]

@@ -40,7 +40,7 @@ from jax.experimental import multihost_utils
 
 from mmi_jax.command_line import UsageError
 from mmi_jax.data.packing import SKIP_REASONS
-from mmi_jax.train import integrity
+from mmi_jax import integrity
 from mmi_jax.train.train_state import TrainSetup, TrainState
 
 ITEMS = ("state", "data", "model", "integrity", "counters")
@@ -205,7 +205,8 @@ class Checkpoints:
       restored = dict(self.manager.restore(step, args=ocp.args.Composite(**wanted)))
       failure = None
     except Exception as error:  # noqa: BLE001 (any failure to read is a damaged checkpoint)
-      first_line = (str(error).strip().splitlines() or [""])[0]
+      # The first line, without TensorStore's spec of the array (dozens of lines).
+      first_line = (str(error).strip().splitlines() or [""])[0].split(" See full")[0]
       restored, failure = {}, f"cannot be read: {type(error).__name__}: {first_line[:300]}"
     if not _all_processes_agree(failure is None):
       raise DamagedCheckpointError(f"{where} {failure or 'cannot be read by another process'}")
