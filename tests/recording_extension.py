@@ -6,7 +6,8 @@ can fail or be stopped at one of them, for the tests of what a job does then.
 Environment variables:
   * `MMI_JAX_TEST_FAIL_IN=evaluate`: its evaluation raises;
   * `MMI_JAX_TEST_STOP_IN=point:SIGNAL` (`prepare_params:SIGINT`, `after_training:SIGTERM`,
-    `evaluate:SIGTERM`): at that point the process sends itself the signal, then works on as
+    `evaluate:SIGTERM`): at that point the process writes the time to `workdir/stop_signalled_at`
+    and sends itself the signal, then works on as
     a long phase does, checking `run.preemption` after each tenth of a second, for at most
     30 s (it raises if the stop goes unnoticed).
 """
@@ -28,6 +29,7 @@ NAME = "recording_extension.RecordedCalls"
 FILE = "extension_calls.jsonl"
 FAIL_VARIABLE = "MMI_JAX_TEST_FAIL_IN"  # "evaluate": the evaluation raises (after the last save)
 STOP_VARIABLE = "MMI_JAX_TEST_STOP_IN"  # "point:SIGNAL": a stop asked for during that point
+SIGNALLED_FILE = "stop_signalled_at"  # when the stop was asked for (`time.time()`)
 
 
 class RecordedCalls(Extension):
@@ -38,6 +40,8 @@ class RecordedCalls(Extension):
         file.write(json.dumps({"point": point, "step": step}) + "\n")
     stop_point, _, signal_name = os.environ.get(STOP_VARIABLE, "").partition(":")
     if stop_point == point:
+      with open(os.path.join(run.workdir, SIGNALLED_FILE), "w") as file:
+        file.write(str(time.time()))
       os.kill(os.getpid(), signal.Signals[signal_name])
       for _ in range(300):
         run.preemption.check(f"the recording extension's {point}")

@@ -25,7 +25,7 @@ import pytest
 import transformers
 
 from configs import mmi_13b
-from mmi_jax import command_line, sharding
+from mmi_jax import command_line, integrity, sharding
 from mmi_jax.convert import __main__ as convert_cli
 from mmi_jax.convert import release
 from mmi_jax.data import pipeline
@@ -184,6 +184,31 @@ def test_a_checkpoint_of_one_mesh_restores_onto_another(tmp_path):
   # The data iterator continues after the batch consumed before the save.
   np.testing.assert_array_equal(next(fresh_iterator)[0].text_ids,
                                 pipeline.make_dataset(config, "train")[1][0].text_ids)
+
+
+def test_array_digests_do_not_depend_on_the_sharding_and_see_one_changed_bit():
+  """The same values split over 8 devices (in several ways) and on the host give the same
+  digests; a last-bit change, two elements swapped and a NaN are seen."""
+  mesh, spec = jax.make_mesh((2, 4), ("a", "b")), jax.sharding.PartitionSpec
+  values = np.random.RandomState(0).randn(6, 8, 5).astype(np.float32)
+  host = {"x": values, "y": values[0].astype(jax.numpy.bfloat16), "step": np.int32(3),
+          "mask": np.array([True, False])}
+  placed = {"x": (spec("a", "b"), values), "y": (spec("b", None), host["y"]),
+            "step": (spec(), host["step"]), "mask": (spec("a"), host["mask"])}
+  sharded = {name: jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
+             for name, (spec, value) in placed.items()}
+  digests, nonfinite = integrity.array_digests(host)
+  assert integrity.array_digests(sharded) == (digests, {}) and nonfinite == {}
+  last_bit, swapped, with_nan = values.copy(), values.copy(), values.copy()
+  last_bit[3, 4, 2] = np.nextafter(last_bit[3, 4, 2], np.float32(9))
+  swapped[0, 0, :2] = values[0, 0, 1::-1]
+  with_nan[1, 1, 1] = np.nan
+  for changed in (last_bit, swapped):
+    assert integrity.array_digests({**host, "x": changed})[0]["['x']"] != digests["['x']"]
+  assert integrity.array_digests({"x": with_nan})[1] == {"['x']": 1}
+  key = "['x']"
+  assert integrity.differences(digests, {**digests, key: "0" * 16}) == [
+      f"{key}: digest {'0' * 16}, recorded {digests[key]}"]
 
 
 def largest_file(directory) -> str:
