@@ -131,8 +131,8 @@ class Checkpoints:
            skipped: dict[str, int] | None = None, *, force: bool = False) -> bool:
     """Starts an asynchronous save of step `state.step` if it is due (or `force`); returns
     whether one was started. `skipped`: this process's skipped documents by reason. The
-    digests are taken first (a collective); `NonFiniteStateError` names the arrays holding
-    NaN or inf, and nothing is saved. The state's arrays must not be donated before the save
+    digests are taken first (every process takes part); `NonFiniteStateError` names the
+    arrays holding NaN or inf, and nothing is saved. The state's arrays must not be donated before the save
     has copied them: Orbax copies device arrays to the host before returning."""
     step = int(state.step)
     if not (force or self.manager.should_save(step)):
