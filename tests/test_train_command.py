@@ -152,13 +152,15 @@ def saved_steps(workdir, name: str = "checkpoints") -> list[int]:
 
 def test_a_run_killed_stopped_and_failing_in_every_phase_ends_as_the_straight_run(
     tmp_path, cache_dir, straight_run):
-  """One workdir through what ends jobs, each time resumed by the same command: Ctrl-C while
-  the params are prepared; kill -9 at random moments of training, twice; the newest
-  checkpoint's largest file cut short (the run falls back to the step before it); a SIGTERM in
-  the work after the last step (a second launch meanwhile is refused, naming the first); a
-  failure in the evaluation; a SIGTERM in the evaluation. Each stop ends the process cleanly,
-  each failure leaves the saves committed, and the last launch ends with the straight run's
-  losses, params (bit for bit) and results, skipped-document counts included."""
+  """One workdir through what ends jobs, each time resumed by the same command: kill -9 at
+  random moments of training, twice; the newest checkpoint's largest file cut short (the run
+  falls back to the step before it); Ctrl-C in the work after the last step (a second launch
+  meanwhile is refused, naming the first); a failure in the evaluation; a SIGTERM in the
+  evaluation. Each stop ends the process within 30 s, each failure leaves the saves
+  committed, and the last launch ends with the straight run's losses, params (bit for bit)
+  and results, skipped-document counts included. (A stop during the fits before training:
+  test_demo.py's fit test and the one-process flag test in test_train.py; a SIGTERM during
+  training: the two-process test below.)"""
   straight_workdir, straight_losses = straight_run
   flags = ("--config.shapes_eval.caption_documents=2", "--config.shapes_eval.max_caption_tokens=3",
            "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=2")
@@ -183,13 +185,6 @@ def test_a_run_killed_stopped_and_failing_in_every_phase_ends_as_the_straight_ru
       time.sleep(0.05)
 
   stop = recording_extension.STOP_VARIABLE
-  # Ctrl-C while the params are prepared: nothing to save yet.
-  code, stdout, stderr = finish(launch(**{stop: "prepare_params:SIGINT"}))
-  assert code == 0 and seconds_since_the_stop() < 30, stdout[-3000:] + stderr[-3000:]
-  assert ("SIGINT during the recording extension's prepare_params: stopped before the first "
-          "checkpoint; rerun to start again") in stdout
-  assert saved_steps(tmp_path) == []
-
   # kill -9 at a random moment after step 2, then after step 4 (during a step or a save).
   delays = []
   for after_step in (2, 4):
@@ -213,8 +208,8 @@ def test_a_run_killed_stopped_and_failing_in_every_phase_ends_as_the_straight_ru
   stale = tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp-1733000000000000"
   (stale / "state").mkdir(parents=True)
 
-  # The rest of the training, and a SIGTERM in the work after the last step, once saved.
-  process = launch(**{stop: "after_training:SIGTERM"})
+  # The rest of the training, and Ctrl-C in the work after the last step, once saved.
+  process = launch(**{stop: "after_training:SIGINT"})
   lock = tmp_path / "run.lock"
   wait_for(lambda: lock.exists() and f"pid {process.pid} " in lock.read_text(), process,
            "the lock")
@@ -229,7 +224,7 @@ def test_a_run_killed_stopped_and_failing_in_every_phase_ends_as_the_straight_ru
           f"{saved[-1]} cannot be read: ") in stdout, stdout[-3000:]
   assert f"resumed from {tmp_path / 'checkpoints'} at step {saved[-2]}" in stdout
   assert os.listdir(tmp_path / "damaged_checkpoints") == [str(saved[-1])]
-  assert (f"SIGTERM: saved step 6 to {tmp_path / 'checkpoints'}; rerun to resume (stopped "
+  assert (f"SIGINT: saved step 6 to {tmp_path / 'checkpoints'}; rerun to resume (stopped "
           "during the recording extension's after_training)") in stdout
   assert 6 in saved_steps(tmp_path) and saved_steps(tmp_path, "after_training") == []
   assert not [name for name in os.listdir(tmp_path / "checkpoints") if "tmp" in name]
