@@ -1,15 +1,12 @@
 """A training extension that records which extension points the loop calls, and when; and that
-can fail or be stopped at one of them, for the tests of what a job does then.
+can be stopped at one of them, for the tests of what a job does then.
 
 `RecordedCalls` (`config.train.extensions`) appends one JSON line per call to
-`workdir/extension_calls.jsonl` (process 0): the point's name and the step it sees.
-Environment variables:
-  * `MMI_JAX_TEST_FAIL_IN=evaluate`: its evaluation raises;
-  * `MMI_JAX_TEST_STOP_IN=point:SIGNAL` (`prepare_params:SIGINT`, `after_training:SIGTERM`,
-    `evaluate:SIGTERM`): at that point the process writes the time to `workdir/stop_signalled_at`
-    and sends itself the signal, then works on as
-    a long phase does, checking `run.preemption` after each tenth of a second, for at most
-    30 s (it raises if the stop goes unnoticed).
+`workdir/extension_calls.jsonl` (process 0): the point's name and the step it sees. With the
+environment variable `MMI_JAX_TEST_STOP_IN=point:SIGNAL` (`after_training:SIGINT`,
+`evaluate:SIGTERM`), at that point the process writes the time to `workdir/stop_signalled_at`
+and sends itself the signal, then works on as a long phase does, checking `run.preemption`
+every tenth of a second, for at most 30 s (it raises if the stop goes unnoticed).
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ from mmi_jax.train.train_state import TrainState
 
 NAME = "recording_extension.RecordedCalls"
 FILE = "extension_calls.jsonl"
-FAIL_VARIABLE = "MMI_JAX_TEST_FAIL_IN"  # "evaluate": the evaluation raises (after the last save)
 STOP_VARIABLE = "MMI_JAX_TEST_STOP_IN"  # "point:SIGNAL": a stop asked for during that point
 SIGNALLED_FILE = "stop_signalled_at"  # when the stop was asked for (`time.time()`)
 
@@ -61,8 +57,6 @@ class RecordedCalls(Extension):
 
   def evaluate(self, run: Run, params: Any, step: int) -> dict[str, Any]:
     self._record(run, "evaluate", step)
-    if os.environ.get(FAIL_VARIABLE) == "evaluate":
-      raise RuntimeError(f"evaluate fails, as {FAIL_VARIABLE} asks")
     return {"recorded_evaluations": 1.0}
 
 
