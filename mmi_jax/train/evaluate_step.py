@@ -25,7 +25,7 @@ from mmi_jax.data import pipeline
 from mmi_jax.train import background, config_check
 from mmi_jax.train.batches import global_batch
 from mmi_jax.train.checkpoints import Checkpoints
-from mmi_jax.train.extensions import Extension, Run, extension_classes, rng_tables
+from mmi_jax.train.extensions import Extension, Run, evaluate, extension_classes, rng_tables
 from mmi_jax.train.metrics_log import MetricsLog
 from mmi_jax.train.rng_streams import CORE_STREAMS, RngStreams
 from mmi_jax.train.train_state import TrainSetup
@@ -75,12 +75,7 @@ def evaluate_step(config: Any, workdir: str, step: int | None = None, *,
     logger.log(f"evaluating step {step} of {workdir}")
   state = checkpoints.restore_state(setup, step)
   checkpoints.close()
-  params, results = state.all_params(), {}
-  for extension in extensions:
-    results.update(extension.evaluate(run, params, step))
-  logger.scalars(step, results, "eval")
-  logger.log(f"eval at step {step}: " + ", ".join(
-      f"{k} {v:.3f}" for k, v in results.items() if isinstance(v, float)))
+  results = evaluate(extensions, run, state.all_params(), step)
   if jax.process_index() == 0:
     with open(os.path.join(output, "results.json"), "w") as file:
       json.dump({"step": step, **results}, file, indent=1)

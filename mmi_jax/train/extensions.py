@@ -98,6 +98,21 @@ class Extension:
     return {}
 
 
+def evaluate(extensions: list[Extension], run: Run, params: Any, step: int) -> dict[str, Any]:
+  """The merged results of every extension's `evaluate` of `params` at `step`, logged (the
+  scalars to `metrics.jsonl` and TensorBoard under "eval", a line to stdout).
+  `run.preemption` is checked after each extension."""
+  results = {}
+  for extension in extensions:
+    results.update(extension.evaluate(run, params, step))
+    run.preemption.check(f"the evaluation of step {step}")
+  if results:
+    run.logger.scalars(step, results, "eval")
+    run.logger.log(f"eval at step {step}: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in results.items() if isinstance(v, float)))
+  return results
+
+
 def extension_classes(config: Any) -> list[type[Extension]]:
   """The classes `config.train.extensions` names, imported; ValueError naming a name that is
   not importable or not an `Extension`."""
@@ -126,4 +141,4 @@ def rng_tables(extensions: list[Extension]) -> list[tuple[str, Mapping[str, int 
   return [(type(extension).__name__, extension.rng_streams) for extension in extensions]
 
 
-__all__ = ["Extension", "Run", "extension_classes", "rng_tables"]
+__all__ = ["Extension", "Run", "evaluate", "extension_classes", "rng_tables"]

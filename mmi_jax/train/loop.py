@@ -59,6 +59,7 @@ from mmi_jax.train import background, config_check
 from mmi_jax.train.batches import check_batch, global_batch
 from mmi_jax.train.checkpoints import ArchitectureMismatchError, Checkpoints
 from mmi_jax.train.extensions import Extension, Run, extension_classes, rng_tables
+from mmi_jax.train.extensions import evaluate as evaluate_extensions
 from mmi_jax.train.metrics_log import MetricsLog
 from mmi_jax.train.optimizer import learning_rate_schedule
 from mmi_jax.train.preemption import Preemption, Stopped
@@ -185,15 +186,7 @@ def _train_and_evaluate(config: Any, workdir: str, extensions: list, rngs: RngSt
     extension.compile_ahead(run)
 
   def evaluate(state: TrainState) -> dict[str, Any]:
-    step, params, results = int(state.step), state.all_params(), {}
-    for extension in extensions:
-      results.update(extension.evaluate(run, params, step))
-      preemption.check(f"the evaluation of step {step}")
-    if results:
-      logger.scalars(step, results, "eval")
-      logger.log(f"eval at step {step}: " + ", ".join(
-          f"{k} {v:.3f}" for k, v in results.items() if isinstance(v, float)))
-    return results
+    return evaluate_extensions(extensions, run, state.all_params(), int(state.step))
 
   skipped = {reason: 0 for reason in SKIP_REASONS}  # this process's, since step 0
 
