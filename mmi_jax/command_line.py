@@ -85,6 +85,14 @@ def one_line(message: str) -> str:
   return lines[0] if len(lines) <= 1 else f"{lines[0]} {lines[-1]}"
 
 
+def error_summary(error: BaseException, limit: int = 300) -> str:
+  """`Type: first line` of a library's exception, at most `limit` characters of it (without
+  TensorStore's spec of the array, dozens of lines after " See full"), for a message that
+  names what failed."""
+  line = (str(error).strip().splitlines() or [""])[0].split(" See full")[0]
+  return f"{type(error).__name__}: {line[:limit]}"
+
+
 def run(main: Callable[[list[str]], None], argv: Sequence[str], program: str) -> None:
   """Runs `main(argv)`; a `UsageError` becomes one line on stderr (`program: error: ...`)
   and exit code 2."""
@@ -95,5 +103,5 @@ def run(main: Callable[[list[str]], None], argv: Sequence[str], program: str) ->
     raise SystemExit(USAGE_EXIT_CODE) from None
 
 
-__all__ = ["HELP_ARGUMENTS", "USAGE_EXIT_CODE", "UsageError", "config_value", "one_line",
-           "parse", "run"]
+__all__ = ["HELP_ARGUMENTS", "USAGE_EXIT_CODE", "UsageError", "config_value", "error_summary",
+           "one_line", "parse", "run"]

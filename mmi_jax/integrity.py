@@ -76,38 +76,33 @@ def _shards(leaf: Any) -> list[tuple[Any, tuple[slice, ...]]]:
   return [(leaf, tuple(slice(0, size) for size in leaf.shape))] if jax.process_index() == 0 else []
 
 
-def _paths(tree: Any) -> list[str]:
-  return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 def array_digests(tree: Any) -> tuple[dict[str, str], dict[str, int]]:
   """`({path: 16 hex digits}, {path: non-finite count})` of every array of `tree` (the second
   only for arrays holding non-finite values), the same on every process.
 
   Each process digests the shards it holds, each on its own device (no collective per array),
   and one gather across processes adds the processes' sums."""
-  leaves = jax.tree.leaves(tree)
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   pending = []  # (leaf number, per-shard result)
-  for number, leaf in enumerate(leaves):
+  for number, (_, leaf) in enumerate(flat):
     shape = tuple(np.shape(leaf))
     strides = np.array([int(np.prod(shape[d + 1:])) for d in range(len(shape))], np.uint32)
     for block, index in _shards(leaf):
       starts = np.array([part.start or 0 for part in index], np.uint32)
       pending.append((number, _shard_fingerprint(block, starts, strides)))
-  sums = np.zeros((len(leaves), 3), np.uint64)
+  sums = np.zeros((len(flat), 3), np.uint64)
   for (number, _), result in zip(pending, jax.device_get([result for _, result in pending])):
     sums[number] += np.asarray(result, np.uint64)
+  sums %= 1 << 32
   if jax.process_count() > 1:
-    # uint32 halves: a gather keeps 32-bit integers only.
-    halves = np.stack([sums & 0xFFFFFFFF, sums >> 32]).astype(np.uint32)
-    gathered = np.asarray(multihost_utils.process_allgather(halves)).astype(np.uint64)
-    sums = (gathered[:, 0] + (gathered[:, 1] << np.uint64(32))).sum(0)
-  sums = sums % (1 << 32)
+    gathered = multihost_utils.process_allgather(sums.astype(np.uint32))
+    sums = np.asarray(gathered, np.uint64).sum(0) % (1 << 32)
   digests, nonfinite = {}, {}
-  for path, (first, second, bad) in zip(_paths(tree), sums):
-    digests[path] = f"{int(first):08x}{int(second):08x}"
+  for (path, _), (first, second, bad) in zip(flat, sums):
+    key = jax.tree_util.keystr(path)
+    digests[key] = f"{int(first):08x}{int(second):08x}"
     if bad:
-      nonfinite[path] = int(bad)
+      nonfinite[key] = int(bad)
   return digests, nonfinite
 
 

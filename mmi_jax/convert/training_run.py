@@ -10,8 +10,8 @@ in `WORKDIR/after_training/s/`, and that one is read for step s.
 
 from __future__ import annotations
 
-import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mmi_jax import integrity
+from mmi_jax.command_line import error_summary
 from mmi_jax.trainable import merge_params
 
 PARAM_ITEMS = ("params", "frozen")
@@ -53,32 +54,35 @@ def read_params(workdir: str, step: int | None = None) -> tuple[int, dict[str, A
   checkpointer = ocp.PyTreeCheckpointer()
   saved = checkpointer.metadata(path).item_metadata.tree
   wanted = {item: saved[item] for item in PARAM_ITEMS}
-  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-      item=wanted, restore_args=jax.tree.map(
-          lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted),
-      partial_restore=True))
-  _verify(restored, os.path.join(os.path.dirname(path), "integrity", "metadata"))
+  try:
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=wanted, restore_args=jax.tree.map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted),
+        partial_restore=True))
+  except Exception as error:  # noqa: BLE001 (a file of the checkpoint cannot be read)
+    raise ValueError(f"{os.path.dirname(path)} cannot be read: {error_summary(error)}"
+                     ) from error
+  _verify(restored, os.path.dirname(path))
   return step, merge_params(restored["params"], restored["frozen"])
 
 
-def _verify(restored: dict[str, Any], record_path: str) -> None:
+def _verify(restored: dict[str, Any], step_directory: str) -> None:
   """Compares the digests of the params read with those the run recorded when it saved them
-  (`mmi_jax.integrity`; a checkpoint from before the digests has none); ValueError naming
-  the arrays that differ or hold NaN or inf."""
-  if not os.path.exists(record_path):
+  (its item `integrity`, `mmi_jax.integrity`; a checkpoint from before the digests has none);
+  ValueError naming the arrays that differ or hold NaN or inf."""
+  record_path = os.path.join(step_directory, "integrity")
+  if not os.path.isdir(record_path):
     return
-  with open(record_path) as file:
-    saved = json.load(file)["state"]
-  # The train state's paths are `.params[...]`, those of the dict read `['params'][...]`.
+  saved = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(record_path)["state"]
   recorded = {path: digest for path, digest in saved.items()
               if path.startswith(tuple(f".{item}[" for item in PARAM_ITEMS))}
   found, nonfinite = integrity.array_digests(restored)
-  found = {"." + path[2:].replace("']", "", 1): digest for path, digest in found.items()}
+  # The dict read has paths `['params'][...]`; the train state recorded `.params[...]`.
+  found = {re.sub(r"^\['(\w+)'\]", r".\1", path): digest for path, digest in found.items()}
   problems = integrity.differences(recorded, found)
   problems += [f"{path}: {count} NaN or inf" for path, count in nonfinite.items()]
   if problems:
-    raise ValueError(f"{os.path.dirname(os.path.dirname(record_path))} is not what the run "
-                     f"saved: " + "; ".join(problems[:5]) +
+    raise ValueError(f"{step_directory} is not what the run saved: " + "; ".join(problems[:5]) +
                      (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
 
 

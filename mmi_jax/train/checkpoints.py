@@ -1,6 +1,6 @@
 """Training checkpoints with Orbax: the whole train state, the data iterator and the model.
 
-A checkpoint of step s under `workdir/checkpoints/s/` holds three items:
+A checkpoint of step s under `workdir/checkpoints/s/` holds five items:
 
   * `state`: the `TrainState` (trainable and frozen params, optimizer state, step, rng), each
     array written by the processes that hold its shards (`ocp.args.StandardSave`);
@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Any, Callable
 
 import grain
@@ -38,9 +37,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from mmi_jax.command_line import UsageError
-from mmi_jax.data.packing import SKIP_REASONS
 from mmi_jax import integrity
+from mmi_jax.command_line import UsageError, error_summary
+from mmi_jax.data.packing import SKIP_REASONS
 from mmi_jax.train.train_state import TrainSetup, TrainState
 
 ITEMS = ("state", "data", "model", "integrity", "counters")
@@ -52,8 +51,9 @@ class ArchitectureMismatchError(UsageError):
   with its message, not a traceback)."""
 
 
-class DamagedCheckpointError(RuntimeError):
-  """A checkpoint cannot be read, or what it holds is not what was saved."""
+class DamagedCheckpointError(UsageError):
+  """A checkpoint cannot be read, or what it holds is not what was saved (a command stops on
+  it with its message, not a traceback)."""
 
 
 class NonFiniteStateError(RuntimeError):
@@ -190,9 +190,8 @@ class Checkpoints:
     except ArchitectureMismatchError:
       raise
     except Exception as error:  # noqa: BLE001 (an unreadable record of the model)
-      first_line = (str(error).strip().splitlines() or [""])[0]
       raise DamagedCheckpointError(f"{self.directory}/{step}: its model record cannot be read "
-                                   f"({type(error).__name__}: {first_line[:300]})") from error
+                                   f"({error_summary(error)})") from error
     present = self._items(step)
     wanted = {"state": ocp.args.StandardRestore(setup.abstract_state())}
     if data_iterator is not None:
@@ -205,9 +204,7 @@ class Checkpoints:
       restored = dict(self.manager.restore(step, args=ocp.args.Composite(**wanted)))
       failure = None
     except Exception as error:  # noqa: BLE001 (any failure to read is a damaged checkpoint)
-      # The first line, without TensorStore's spec of the array (dozens of lines).
-      first_line = (str(error).strip().splitlines() or [""])[0].split(" See full")[0]
-      restored, failure = {}, f"cannot be read: {type(error).__name__}: {first_line[:300]}"
+      restored, failure = {}, f"cannot be read: {error_summary(error)}"
     if not _all_processes_agree(failure is None):
       raise DamagedCheckpointError(f"{where} {failure or 'cannot be read by another process'}")
     if "integrity" not in restored:
@@ -253,7 +250,7 @@ class Checkpoints:
       except DamagedCheckpointError as error:
         reports.append(str(error))
         log(f"checkpoint step {step} is damaged and set aside: {error}")
-        self._set_aside(step)
+        self.set_aside(step)
     if reports:
       raise DamagedCheckpointError(
           f"no intact checkpoint in {self.directory} (the damaged ones are in "
@@ -261,14 +258,17 @@ class Checkpoints:
           "--workdir. What was found:\n  " + "\n  ".join(reports))
     return None
 
-  def _set_aside(self, step: int) -> None:
-    """Moves step `step` to `workdir/damaged_checkpoints/` (process 0), so that the run's
-    next save of that step does not find it in the way."""
+  def set_aside(self, step: int) -> None:
+    """Moves step `step` to `workdir/damaged_checkpoints/<step>` (`<step>-2`, ... when a
+    damaged step of that number is there already; process 0), so that the run's next save of
+    that step does not find it in the way."""
     if jax.process_index() == 0:
-      target = os.path.join(self._workdir, DAMAGED_DIRECTORY, str(step))
-      if os.path.exists(target):
-        shutil.rmtree(target)
-      os.makedirs(os.path.dirname(target), exist_ok=True)
+      damaged = os.path.join(self._workdir, DAMAGED_DIRECTORY)
+      os.makedirs(damaged, exist_ok=True)
+      target, copy = os.path.join(damaged, str(step)), 1
+      while os.path.exists(target):
+        copy += 1
+        target = os.path.join(damaged, f"{step}-{copy}")
       os.replace(os.path.join(self.directory, str(step)), target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"checkpoint {step} set aside")

@@ -57,7 +57,8 @@ from mmi_jax.data import pipeline
 from mmi_jax.data.packing import SKIP_REASONS
 from mmi_jax.train import background, config_check
 from mmi_jax.train.batches import check_batch, global_batch
-from mmi_jax.train.checkpoints import ArchitectureMismatchError, Checkpoints
+from mmi_jax.train.checkpoints import (ArchitectureMismatchError, Checkpoints,
+                                       DamagedCheckpointError)
 from mmi_jax.train.extensions import Extension, Run, extension_classes, rng_tables
 from mmi_jax.train.extensions import evaluate as evaluate_extensions
 from mmi_jax.train.metrics_log import MetricsLog
@@ -116,6 +117,22 @@ def _skipped_in_all_processes(skipped: dict[str, int]) -> dict[str, int]:
   if jax.process_count() > 1:
     counts = np.asarray(multihost_utils.process_allgather(np.asarray(counts, np.int32))).sum(0)
   return {reason: int(count) for reason, count in zip(SKIP_REASONS, counts)}
+
+
+def _restore_finished(finished: Checkpoints, setup: TrainSetup, step: int,
+                      log: Callable[[str], None]) -> TrainState | None:
+  """The state that the extensions' `after_training` left at `step`, if `finished` holds it
+  intact (a damaged one is reported and set aside: the work is done again)."""
+  if step not in finished.all_steps():
+    return None
+  try:
+    state = finished.restore_state(setup, step)
+  except DamagedCheckpointError as error:
+    log(f"the state after after_training is damaged and set aside ({error}); redoing it")
+    finished.set_aside(step)
+    return None
+  log(f"the state after the extensions' after_training restored from {finished.directory}")
+  return state
 
 
 def _train_and_evaluate(config: Any, workdir: str, extensions: list, rngs: RngStreams,
@@ -238,9 +255,10 @@ def _train_and_evaluate(config: Any, workdir: str, extensions: list, rngs: RngSt
       if step == train.steps:
         break
       checkpoints.save(state, iterator, skipped)
-      if preemption.any_process():
+      signal_name = preemption.any_process()
+      if signal_name:
         checkpoints.save_final(state, iterator, skipped)
-        preemption.check(f"train step {step}")
+        raise Stopped(f"train step {step}", signal_name)
       if train.eval_every and step % train.eval_every == 0:
         try:
           evaluate(state)
@@ -252,10 +270,9 @@ def _train_and_evaluate(config: Any, workdir: str, extensions: list, rngs: RngSt
     checkpoints.wait()
     preemption.check(f"train step {int(state.step)}")
     if finished is not None:
-      if int(state.step) in finished.all_steps():
-        state = finished.restore_state(setup, int(state.step))
-        logger.log(f"the state after the extensions' after_training restored from "
-                   f"{finished.directory}")
+      done = _restore_finished(finished, setup, int(state.step), logger.log)
+      if done is not None:
+        state = done
       else:
         for extension in finishes:
           state = extension.after_training(run, state)
